@@ -1,0 +1,24 @@
+"""coala: context-aware low-rank approximation of neural networks (COALA, inversion-free and streaming)."""
+
+from .linalg import (
+    METHODS,
+    ActivationStats,
+    Decomposition,
+    RFactor,
+    approximate,
+    decompose,
+    truncation_loss,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS",
+    "ActivationStats",
+    "Decomposition",
+    "RFactor",
+    "__version__",
+    "approximate",
+    "decompose",
+    "truncation_loss",
+]

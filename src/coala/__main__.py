@@ -1,0 +1,5 @@
+import sys
+
+from coala.cli import main
+
+sys.exit(main())

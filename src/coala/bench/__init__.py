@@ -1,0 +1,1 @@
+"""Benchmarks reachable as ``coala bench NAME``; each module has ``main(argv) -> int``."""

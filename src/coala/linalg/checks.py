@@ -1,0 +1,91 @@
+"""Input validation shared by the numerical core.
+
+Every check raises a ValueError or TypeError whose message says what is wrong and where
+(``where`` is a layer or argument name supplied by the caller). Nothing is repaired silently.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _at(where: str | None) -> str:
+    return f" in {where}" if where else ""
+
+
+def check_float(t: Tensor, arg: str, where: str | None = None) -> None:
+    """Raise TypeError unless ``t`` is a floating-point tensor."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{arg}{_at(where)} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{arg}{_at(where)} must have a floating dtype, got {t.dtype}")
+
+
+def check_finite(t: Tensor, arg: str, where: str | None = None) -> None:
+    """Raise ValueError naming the count of NaN/Inf entries of ``t``, if any."""
+    bad = t.numel() - int(torch.isfinite(t).sum())
+    if bad:
+        nan = int(torch.isnan(t).sum())
+        raise ValueError(
+            f"{arg}{_at(where)} contains {bad} non-finite values ({nan} NaN, {bad - nan} Inf) "
+            f"out of {t.numel()}; fix the inputs (coala never replaces them)"
+        )
+
+
+def check_weight(W: Tensor, where: str | None = None) -> None:
+    """W must be a finite floating 2-D (out × in) matrix."""
+    check_float(W, "W", where)
+    if W.ndim != 2:
+        raise ValueError(f"W{_at(where)} must be 2-D (out_features × in_features), got shape {tuple(W.shape)}")
+    check_finite(W, "W", where)
+
+
+def check_rank(rank: int, m: int, n: int, where: str | None = None) -> int:
+    """Rank must be an int in [1, min(m, n)]."""
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"rank{_at(where)} must be an int, got {type(rank).__name__}")
+    if not 1 <= rank <= min(m, n):
+        raise ValueError(f"rank{_at(where)} must be in [1, min(out, in)] = [1, {min(m, n)}], got {rank}")
+    return rank
+
+
+def check_mu(mu: float, where: str | None = None) -> float:
+    """μ must be a finite non-negative number."""
+    mu = float(mu)
+    if not mu >= 0.0 or mu == float("inf"):
+        raise ValueError(f"mu{_at(where)} must be a finite number >= 0, got {mu}")
+    return mu
+
+
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 when every tensor is float64, else float32 (the precision of all core arithmetic)."""
+    return torch.float64 if all(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def flatten_rows(x: Tensor, in_features: int, mask: Tensor | None, where: str | None = None) -> Tensor:
+    """Reshape activations (..., in_features) to rows (N × in_features), dropping rows where mask is false.
+
+    ``mask`` has shape ``x.shape[:-1]`` and is bool or 0/1 (an attention mask). Rows are returned in
+    x's dtype; NaN/Inf in the kept rows raise a ValueError.
+    """
+    check_float(x, "x", where)
+    if x.ndim < 1 or x.shape[-1] != in_features:
+        raise ValueError(
+            f"x{_at(where)} must have shape (..., {in_features}), got {tuple(x.shape)}"
+        )
+    rows = x.reshape(-1, in_features)
+    if mask is not None:
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"mask{_at(where)} must be a torch.Tensor, got {type(mask).__name__}")
+        if tuple(mask.shape) != tuple(x.shape[:-1]):
+            raise ValueError(
+                f"mask{_at(where)} must have shape x.shape[:-1] = {tuple(x.shape[:-1])}, got {tuple(mask.shape)}"
+            )
+        if mask.dtype != torch.bool:
+            if not bool(((mask == 0) | (mask == 1)).all()):
+                raise ValueError(f"mask{_at(where)} must be boolean or 0/1")
+            mask = mask != 0
+        rows = rows[mask.reshape(-1).to(rows.device)]
+    check_finite(rows, "activations", where)
+    return rows

@@ -1,0 +1,59 @@
+"""A decomposition of one weight matrix from which factors of any rank can be read.
+
+Each method (COALA and the baselines) builds one ``Decomposition`` per matrix; ``factors(rank)`` returns
+(A, B) with W' = A @ B, A of shape (out × rank) and B of shape (rank × in), in the compute dtype. One
+SVD serves every rank, which is what a sweep over compression ratios needs.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+from .checks import check_rank
+
+
+class Decomposition(ABC):
+    """Factors of every rank of one (out × in) matrix W."""
+
+    out_features: int
+    in_features: int
+
+    @property
+    def max_rank(self) -> int:
+        return min(self.out_features, self.in_features)
+
+    def factors(self, rank: int) -> tuple[Tensor, Tensor]:
+        check_rank(rank, self.out_features, self.in_features, getattr(self, "name", None))
+        return self._factors(rank)
+
+    @abstractmethod
+    def _factors(self, rank: int) -> tuple[Tensor, Tensor]: ...
+
+
+class BalancedSVD(Decomposition):
+    """W' = U_r Σ_r V_rᵀ · M (M = right transform, or identity), split as A = U_r Σ_r^½, B = Σ_r^½ V_rᵀ M."""
+
+    def __init__(self, U: Tensor, S: Tensor, Vh: Tensor, right: Tensor | None, out_in: tuple[int, int]):
+        self.U, self.S, self.Vh, self.right = U, S, Vh, right
+        self.out_features, self.in_features = out_in
+
+    def _factors(self, rank: int) -> tuple[Tensor, Tensor]:
+        root = self.S[:rank].sqrt()
+        A = self.U[:, :rank] * root
+        B = root[:, None] * self.Vh[:rank]
+        if self.right is not None:
+            B = B @ self.right if self.right.ndim == 2 else B * self.right
+        return A, B
+
+
+def tail_sums_of_squares(S: Tensor, length: int) -> Tensor:
+    """loss[r] = Σ_{i ≥ r} S_i² for r = 0..length-1 (zeros past len(S)), summed in float64 from the tail."""
+    sq = S.to(torch.float64).square()
+    tails = sq.flip(0).cumsum(0).flip(0)
+    out = torch.zeros(length, dtype=torch.float64, device=S.device)
+    k = min(length, tails.shape[0])
+    out[:k] = tails[:k]
+    return out

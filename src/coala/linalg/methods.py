@@ -1,0 +1,154 @@
+"""Method registry and the public one-matrix API: ``approximate``, ``decompose``, ``truncation_loss``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .baselines import asvd_decomposition, svd_decomposition, svd_llm_decomposition, svd_llm_v2_decomposition
+from .checks import check_float, check_mu, check_rank, check_weight, compute_dtype, flatten_rows
+from .decomposition import Decomposition
+from .solve import CoalaDecomposition
+from .stats import ActivationStats, stats_from_rows
+from .tsqr import RFactor
+
+Context = Tensor | RFactor | ActivationStats | None
+
+
+@dataclass(frozen=True)
+class Method:
+    """A low-rank method: the statistics it needs and how it builds a decomposition from them."""
+
+    name: str
+    needs: frozenset[str]
+    build: Callable[..., Decomposition]
+    uses_mu: bool = False
+
+
+def _coala(W, stats, mu, adaptive_mu, name):
+    return CoalaDecomposition(W, stats.r.R.to(W), mu=mu, adaptive_mu=adaptive_mu, name=name)
+
+
+METHODS: dict[str, Method] = {
+    "coala": Method("coala", frozenset({"r"}), _coala, uses_mu=True),
+    "svd": Method("svd", frozenset(), lambda W, stats, mu, adaptive_mu, name: svd_decomposition(W)),
+    "asvd": Method(
+        "asvd", frozenset({"absmean"}),
+        lambda W, stats, mu, adaptive_mu, name: asvd_decomposition(W, stats.absmean.mean),
+    ),
+    "svd-llm": Method(
+        "svd-llm", frozenset({"gram"}),
+        lambda W, stats, mu, adaptive_mu, name: svd_llm_decomposition(W, stats.gram.G, name=name),
+    ),
+    "svd-llm-v2": Method(
+        "svd-llm-v2", frozenset({"gram"}),
+        lambda W, stats, mu, adaptive_mu, name: svd_llm_v2_decomposition(W, stats.gram.G),
+    ),
+}
+
+
+def get_method(method: str) -> Method:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
+    return METHODS[method]
+
+
+def _context_stats(X: Context, W: Tensor, needs: frozenset[str], method: str, where: str | None) -> ActivationStats:
+    """Turn the context argument into statistics holding at least ``needs``, in W's compute dtype."""
+    n = W.shape[1]
+    at = f" (layer {where})" if where else ""
+    if isinstance(X, Tensor):
+        check_float(X, "X", where)
+        if X.ndim != 2 or X.shape[1] != n:
+            raise ValueError(f"X{at} must have shape (tokens, {n}) to match W of shape {tuple(W.shape)}, "
+                             f"got {tuple(X.shape)}")
+        if X.shape[0] == 0:
+            raise ValueError(f"X{at} has no rows")
+        rows = flatten_rows(X, n, None, where).to(device=W.device, dtype=compute_dtype(W, X))
+        return stats_from_rows(rows, needs, rows.dtype)
+    if X is None:
+        if needs:
+            raise TypeError(f"method {method!r}{at} needs calibration activations X (a tensor or statistics)")
+        return ActivationStats(n, (), name=where)
+    if isinstance(X, RFactor):
+        stats = ActivationStats(n, (), name=where)
+        stats.r, stats.num_rows = X, X.num_rows
+        X = stats
+    if not isinstance(X, ActivationStats):
+        raise TypeError(f"X{at} must be a Tensor, an RFactor or ActivationStats, got {type(X).__name__}")
+    if X.in_features != n:
+        raise ValueError(f"statistics{at} have in_features={X.in_features}, but W has {n} input columns")
+    missing = needs - X.kinds
+    if missing:
+        raise TypeError(
+            f"method {method!r}{at} needs statistics {sorted(missing)} that were not collected "
+            f"(got {sorted(X.kinds)}); pass the activation tensor X, or ActivationStats with those kinds"
+        )
+    if needs and X.num_rows == 0:
+        raise ValueError(f"statistics{at} have seen no rows: run calibration data through them first")
+    return X
+
+
+def decompose(
+    W: Tensor,
+    X: Context,
+    *,
+    method: str = "coala",
+    mu: float = 0.0,
+    adaptive_mu: bool = False,
+    name: str | None = None,
+) -> Decomposition:
+    """Decompose W (out × in) once; ``.factors(rank)`` then gives (A, B) for any rank, in the compute dtype.
+
+    Compute dtype: float64 when W and the context are float64, float32 otherwise.
+    """
+    m = get_method(method)
+    check_weight(W, name)
+    mu = check_mu(mu, name)
+    if (mu or adaptive_mu) and not m.uses_mu:
+        raise ValueError(f"mu / adaptive_mu apply to method 'coala' only, not {method!r}")
+    ctx_dtype = X.dtype if isinstance(X, Tensor) else getattr(_stat_dtype(X), "dtype", W.dtype)
+    cdtype = torch.float64 if (W.dtype == torch.float64 and ctx_dtype == torch.float64) else torch.float32
+    stats = _context_stats(X, W, m.needs, method, name)
+    return m.build(W.to(cdtype), stats, mu, adaptive_mu, name)
+
+
+def _stat_dtype(X: Context) -> Tensor | None:
+    if isinstance(X, RFactor):
+        return X._R
+    if isinstance(X, ActivationStats):
+        for acc, attr in ((X.r, "_R"), (X.gram, "G")):
+            if acc is not None:
+                return getattr(acc, attr)
+    return None
+
+
+def approximate(
+    W: Tensor,
+    X: Context,
+    rank: int,
+    *,
+    method: str = "coala",
+    mu: float = 0.0,
+    adaptive_mu: bool = False,
+    name: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Rank-``rank`` factors A (out × rank), B (rank × in) of W (out × in) with W' = A @ B.
+
+    X: activations (tokens × in) as a tensor, an ``RFactor`` ("coala"), or ``ActivationStats``.
+    method: "coala" (QR route, μ via [R; √μ I]), "svd", "asvd", "svd-llm", "svd-llm-v2".
+    Computes in float64 when W and X are float64, else float32; returns W's dtype.
+    """
+    check_weight(W, name)
+    check_rank(rank, W.shape[0], W.shape[1], name)
+    A, B = decompose(W, X, method=method, mu=mu, adaptive_mu=adaptive_mu, name=name).factors(rank)
+    return A.to(W.dtype), B.to(W.dtype)
+
+
+def truncation_loss(W: Tensor, X: Tensor | RFactor | ActivationStats) -> Tensor:
+    """loss[r] = ‖(W − W'_r)Xᵀ‖²_F of the optimal rank-r W', for r = 0..min(out, in), from one SVD (float64)."""
+    dec = decompose(W, X, method="coala")
+    return dec.truncation_loss()

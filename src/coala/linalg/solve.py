@@ -1,0 +1,59 @@
+"""The COALA solve: best rank-r W' minimising ‖(W − W')Xᵀ‖²_F + μ‖W − W'‖²_F, without inverses.
+
+With R the R factor of X (RᵀR = XᵀX), ‖(W − W')Xᵀ‖_F = ‖(W − W')Rᵀ‖_F. If W Rᵀ = U Σ Vᵀ, the optimum is
+W' = U_r U_rᵀ W: A = U_r (out × r), B = U_rᵀ W (r × in). μ > 0 replaces R by the R factor of [R; √μ I].
+Nothing is inverted and XᵀX is never formed. All arithmetic runs in the dtype of W and R (float32/64).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .decomposition import Decomposition, tail_sums_of_squares
+from .tsqr import regularize
+
+
+class CoalaDecomposition(Decomposition):
+    """COALA factors of W (out × in) for every rank, given the R factor (in × in) of its inputs.
+
+    Args:
+        W: (out × in) in the compute dtype.
+        R: (in × in) upper triangular with RᵀR = XᵀX, same dtype and device as W.
+        mu: regularisation weight μ ≥ 0.
+        adaptive_mu: use the paper's rule μ_eff = μ · (‖(W − W₀)Xᵀ‖ / ‖W − W₀‖)², W₀ the μ = 0 solution
+            at the same rank (one extra SVD per rank asked for).
+    """
+
+    def __init__(self, W: Tensor, R: Tensor, mu: float = 0.0, adaptive_mu: bool = False, name: str | None = None):
+        self.W, self.R, self.mu, self.adaptive_mu, self.name = W, R, float(mu), adaptive_mu, name
+        self.out_features, self.in_features = W.shape
+        self.U0, self.S0 = _left_singular(W, R)
+        self._by_mu: dict[float, Tensor] = {0.0: self.U0}
+
+    def truncation_loss(self) -> Tensor:
+        """loss[r] = ‖(W − W'_r)Xᵀ‖²_F (μ = 0) for r = 0..min(out, in); float64."""
+        return tail_sums_of_squares(self.S0, self.max_rank + 1)
+
+    def effective_mu(self, rank: int) -> float:
+        """The μ actually used at ``rank`` (μ itself unless adaptive)."""
+        if not self.adaptive_mu or self.mu == 0.0:
+            return self.mu
+        Ur = self.U0[:, :rank]
+        weighted = float(self.truncation_loss()[rank])  # ‖(W − W₀)Xᵀ‖²
+        plain = float(torch.linalg.matrix_norm(self.W - Ur @ (Ur.T @ self.W)).to(torch.float64) ** 2)
+        # W₀ = W exactly (W has rank ≤ r): no truncation, so no regularisation is needed.
+        return self.mu * weighted / plain if plain > 0.0 else 0.0
+
+    def _factors(self, rank: int) -> tuple[Tensor, Tensor]:
+        mu = self.effective_mu(rank)
+        if mu not in self._by_mu:
+            self._by_mu[mu] = _left_singular(self.W, regularize(self.R, mu))[0]
+        Ur = self._by_mu[mu][:, :rank]
+        return Ur.contiguous(), Ur.T @ self.W
+
+
+def _left_singular(W: Tensor, R: Tensor) -> tuple[Tensor, Tensor]:
+    """U (out × k) and Σ (k,) of W Rᵀ, k = min(out, in)."""
+    U, S, _ = torch.linalg.svd(W @ R.T, full_matrices=False)
+    return U, S

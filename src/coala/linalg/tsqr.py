@@ -1,0 +1,155 @@
+"""Streaming, mergeable R factor of activations (TSQR).
+
+``RFactor`` holds R (n × n, upper triangular, diag ≥ 0) with RᵀR = XᵀX for every row x seen, plus a buffer
+of pending rows. Rows are buffered until a block of ``block_rows`` is full; then R ← R([R; X_b]). Memory is
+O((n + block_rows) · n) whatever the number of rows. XᵀX is never formed.
+
+Precision: rows of any floating dtype (bf16/fp16 included) are upcast to ``dtype`` (float32 by default,
+or float64) before they enter the buffer; every QR runs in ``dtype``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .checks import check_mu, flatten_rows
+from .qr_update import normalize_signs, r_of_stacked
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def default_block_rows(in_features: int) -> int:
+    """Rows buffered per QR update: tall blocks amortise the n × n triangle (cost ∝ (b + n)·n²)."""
+    return max(4 * in_features, 2048)
+
+
+class RFactor:
+    """Mergeable streaming R factor of the rows of X (tokens × in_features).
+
+    Args:
+        in_features: n, the width of each row.
+        dtype: accumulation dtype, torch.float32 (default) or torch.float64.
+        device: where R and the buffer live (default: CPU).
+        block_rows: rows per QR update (default ``default_block_rows(n)``).
+        name: used in error messages (e.g. the layer whose inputs these are).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        block_rows: int | None = None,
+        name: str | None = None,
+    ) -> None:
+        if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
+            raise ValueError(f"in_features must be a positive int, got {in_features!r}")
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"RFactor dtype must be torch.float32 or torch.float64, got {dtype}")
+        self.in_features = in_features
+        self.dtype = dtype
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.block_rows = int(block_rows) if block_rows is not None else default_block_rows(in_features)
+        if self.block_rows < 1:
+            raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+        self.name = name
+        self.num_rows = 0
+        self._R = torch.zeros(in_features, in_features, dtype=dtype, device=self.device)
+        self._buf: Tensor | None = None  # (block_rows × n), allocated on first use
+        self._fill = 0
+
+    # ------------------------------------------------------------------ streaming
+    def update(self, x: Tensor, mask: Tensor | None = None) -> RFactor:
+        """Add the rows of ``x`` (..., in_features); rows where ``mask`` (x.shape[:-1]) is false are skipped."""
+        return self.add_rows(flatten_rows(x, self.in_features, mask, where=self.name))
+
+    def add_rows(self, rows: Tensor) -> RFactor:
+        """Add already validated rows (N × in_features, any floating dtype); upcast block by block."""
+        self.num_rows += rows.shape[0]
+        start = 0
+        while start < rows.shape[0]:
+            if self._buf is None:
+                self._buf = torch.empty(self.block_rows, self.in_features, dtype=self.dtype, device=self.device)
+            take = min(self.block_rows - self._fill, rows.shape[0] - start)
+            self._buf[self._fill : self._fill + take].copy_(rows[start : start + take])
+            self._fill += take
+            start += take
+            if self._fill == self.block_rows:
+                self._flush()
+        return self
+
+    def _flush(self) -> None:
+        if self._fill:
+            self._R = r_of_stacked(self._R, self._buf[: self._fill])
+            self._fill = 0
+
+    def merge(self, other: RFactor) -> RFactor:
+        """Fold another factor of the same width into this one (a TSQR tree step): R ← R([R₁; R₂])."""
+        if not isinstance(other, RFactor):
+            raise TypeError(f"merge expects an RFactor, got {type(other).__name__}")
+        if other.in_features != self.in_features:
+            raise ValueError(
+                f"cannot merge RFactor of in_features={other.in_features} into one of {self.in_features}"
+            )
+        self._flush()
+        other_R = other.R.to(device=self.device, dtype=self.dtype)
+        self._R = r_of_stacked(self._R, other_R)
+        self.num_rows += other.num_rows
+        return self
+
+    # ------------------------------------------------------------------ results
+    @property
+    def R(self) -> Tensor:
+        """(n × n) upper triangular, diag ≥ 0, RᵀR = XᵀX of all rows seen; in ``dtype``."""
+        self._flush()
+        self._R = normalize_signs(self._R)
+        return self._R
+
+    def regularized(self, mu: float) -> Tensor:
+        """R factor of [X; √μ I]: the R of [R; √μ I] (2n × n), computed without touching X again."""
+        mu = check_mu(mu, self.name)
+        return regularize(self.R, mu)
+
+    def require_rows(self) -> None:
+        """Raise if no rows were seen (a solve on an empty factor would be meaningless)."""
+        if self.num_rows == 0:
+            where = f" for {self.name}" if self.name else ""
+            raise ValueError(f"RFactor{where} has seen no rows: run calibration data through it first")
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict:
+        """Tensors and plain numbers only (safe for safetensors + JSON)."""
+        return {
+            "R": self.R.clone(),
+            "num_rows": int(self.num_rows),
+            "in_features": self.in_features,
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
+
+    def load_state_dict(self, state: dict) -> RFactor:
+        R = state["R"]
+        if int(state["in_features"]) != self.in_features or tuple(R.shape) != (self.in_features,) * 2:
+            raise ValueError(
+                f"state has in_features={state['in_features']} and R of shape {tuple(R.shape)}; "
+                f"this RFactor has in_features={self.in_features}"
+            )
+        if state.get("dtype") not in (None, *_DTYPES):
+            raise ValueError(f"unknown dtype {state['dtype']!r} in RFactor state")
+        self._R = R.to(device=self.device, dtype=self.dtype).triu()
+        self.num_rows = int(state["num_rows"])
+        self._fill = 0
+        return self
+
+    def __repr__(self) -> str:
+        return f"RFactor(in_features={self.in_features}, num_rows={self.num_rows}, dtype={self.dtype})"
+
+
+def regularize(R: Tensor, mu: float) -> Tensor:
+    """R factor of [R; √μ I] (so RᵀR + μI without forming it); returns R itself when μ = 0."""
+    if mu == 0.0:
+        return R
+    n = R.shape[1]
+    eye = torch.eye(n, dtype=R.dtype, device=R.device) * (mu**0.5)
+    return r_of_stacked(R, eye)
