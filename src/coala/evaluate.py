@@ -1,0 +1,205 @@
+"""Evaluation with the protocols papers use (design.md §6): perplexity, lm-eval zero-shot tasks, and
+embedding fidelity for encoders.
+
+- ``perplexity``: join documents with "\\n\\n", tokenize once, cut non-overlapping windows of ``seqlen`` tokens,
+  drop the remainder, ppl = exp(mean token NLL). Logits are taken in the model's dtype, the log-softmax and the
+  NLL sum in float32 and the mean over all windows in float64. A non-finite window loss is an error naming it.
+- ``lm_eval_tasks``: ``lm_eval.simple_evaluate`` with an ``HFLM`` wrapped around the (possibly compressed) model,
+  zero-shot; the headline metric per task is acc_norm or acc as in the papers (``TASK_METRICS``).
+- ``embedding_fidelity``: cosine similarity of mean-pooled sentence embeddings of a model against a reference
+  model on the same text (mean and 5th percentile), embeddings in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+# Headline metric per zero-shot task: acc_norm where length normalisation is the papers' choice.
+TASK_METRICS: dict[str, str] = {
+    "piqa": "acc_norm",
+    "hellaswag": "acc_norm",
+    "arc_easy": "acc_norm",
+    "arc_challenge": "acc_norm",
+    "openbookqa": "acc_norm",
+    "boolq": "acc",
+    "winogrande": "acc",
+    "mmlu": "acc",
+}
+
+
+@dataclass
+class PerplexityResult:
+    source: str
+    ppl: float
+    nll: float
+    tokens: int
+    windows: int
+    seqlen: int
+    dtype: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _token_stream(tokenizer, texts: Sequence[str]) -> Tensor:
+    """All texts joined with "\\n\\n" and tokenized once: (1, T) int64."""
+    joined = "\n\n".join(texts)
+    enc = tokenizer(joined, return_tensors="pt", add_special_tokens=False, verbose=False)
+    return enc["input_ids"]
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    seqlen: int = 2048,
+    batch_size: int = 1,
+    source: str = "text",
+    progress: bool = True,
+) -> PerplexityResult:
+    """Perplexity of a causal LM on ``texts`` (GPTQ / SVD-LLM protocol). Returns ppl, mean NLL and counts."""
+    if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
+        raise TypeError(f"{type(model).__name__} has no language-model head: perplexity needs a causal LM")
+    if seqlen < 2:
+        raise ValueError(f"seqlen must be >= 2, got {seqlen}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    ids = _token_stream(tokenizer, texts)
+    windows = ids.shape[1] // seqlen
+    if windows == 0:
+        raise ValueError(f"{source}: {ids.shape[1]} tokens are fewer than one window of seqlen={seqlen}")
+    ids = ids[:, : windows * seqlen].reshape(windows, seqlen)
+    device = _model_device(model)
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64)
+    count = 0
+    starts = range(0, windows, batch_size)
+    for start in tqdm(starts, desc=f"ppl {source}", disable=not progress, unit="batch"):
+        batch = ids[start : start + batch_size].to(device)
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
+        per_window = nll.reshape(batch.shape[0], -1).sum(1)
+        bad = ~torch.isfinite(per_window)
+        if bad.any():
+            w = start + int(bad.nonzero()[0, 0])
+            raise FloatingPointError(
+                f"{source}: non-finite loss in window {w} (tokens {w * seqlen}..{(w + 1) * seqlen - 1}); "
+                "the model produced NaN/Inf logits there"
+            )
+        total += per_window.double().sum().cpu()
+        count += nll.numel()
+    mean_nll = float(total / count)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return PerplexityResult(source, math.exp(mean_nll), mean_nll, count, windows, seqlen, dtype)
+
+
+def lm_eval_tasks(
+    model: nn.Module,
+    tokenizer,
+    tasks: Sequence[str],
+    *,
+    limit: int | float | None = None,
+    batch_size: int = 1,
+    include_path: str | None = None,
+) -> dict[str, dict[str, float]]:
+    """Zero-shot lm-eval results per task: {task: {"metric": name, "value": x, "stderr": s}}.
+
+    ``include_path``: a folder of extra task YAML files (e.g. local task definitions). Needs the ``eval`` extra.
+    """
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as err:  # pragma: no cover - exercised only without the extra
+        raise ImportError("lm-eval is not installed: pip install 'coala[eval]'") from err
+    device = _model_device(model)
+    # Tokenizers without BOS/EOS (BERT-style) need an explicit prefix token for loglikelihood requests.
+    prefix = None
+    if tokenizer.bos_token_id is None and tokenizer.eos_token_id is None:
+        prefix = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.pad_token_id
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device), prefix_token_id=prefix)
+    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    out = lm_eval.simple_evaluate(
+        model=lm, tasks=list(tasks), num_fewshot=0, limit=limit, task_manager=manager,
+        log_samples=False, bootstrap_iters=0,
+    )
+    results = {}
+    for task, metrics in out["results"].items():
+        name = TASK_METRICS.get(task, "acc_norm" if "acc_norm,none" in metrics else "acc")
+        if f"{name},none" not in metrics:
+            name = next(k.split(",")[0] for k in metrics if k.endswith(",none") and "stderr" not in k)
+        stderr = metrics.get(f"{name}_stderr,none")
+        results[task] = {
+            "metric": name,
+            "value": float(metrics[f"{name},none"]),
+            "stderr": float(stderr) if isinstance(stderr, int | float) else float("nan"),
+        }
+    return results
+
+
+@torch.no_grad()
+def sentence_embeddings(
+    model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: int = 32, max_length: int = 256
+) -> Tensor:
+    """Mean-pooled last hidden states over real tokens: (len(texts) × hidden), float32, on the CPU."""
+    device = _model_device(model)
+    model.eval()
+    out = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(
+            list(texts[i : i + batch_size]), padding=True, truncation=True, max_length=max_length,
+            return_tensors="pt",
+        ).to(device)
+        hidden = model(**enc).last_hidden_state.float()
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        out.append(((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)).cpu())
+    return torch.cat(out)
+
+
+@dataclass
+class FidelityResult:
+    mean_cosine: float
+    p05_cosine: float
+    min_cosine: float
+    sentences: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def embedding_fidelity(
+    model: nn.Module,
+    reference: nn.Module | Tensor,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 32,
+) -> FidelityResult:
+    """Cosine similarity of ``model``'s mean-pooled embeddings to ``reference``'s (a model or its embeddings)."""
+    if not texts:
+        raise ValueError("embedding fidelity needs at least one sentence")
+    ours = sentence_embeddings(model, tokenizer, texts, batch_size=batch_size)
+    ref = reference if isinstance(reference, Tensor) else sentence_embeddings(
+        reference, tokenizer, texts, batch_size=batch_size
+    )
+    if ref.shape != ours.shape:
+        raise ValueError(f"reference embeddings have shape {tuple(ref.shape)}, model's {tuple(ours.shape)}")
+    cos = F.cosine_similarity(ours, ref, dim=-1)
+    if not torch.isfinite(cos).all():
+        raise FloatingPointError(f"{int((~torch.isfinite(cos)).sum())} sentence embeddings are not finite")
+    return FidelityResult(
+        float(cos.mean()), float(torch.quantile(cos, 0.05)), float(cos.min()), int(cos.numel())
+    )
