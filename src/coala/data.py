@@ -8,8 +8,18 @@ plus the docstrings form "train".
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
+import json
+import os
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
 
 _DOC_MODULES = (
     "argparse", "asyncio", "collections", "csv", "dataclasses", "datetime", "decimal", "email", "enum",
@@ -61,4 +71,224 @@ def builtin_sentences(split: str = "train", min_chars: int = 40, max_chars: int 
             para = " ".join(para.split())
             if min_chars <= len(para) <= max_chars:
                 out.append(para)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- calibration
+SOURCES = ("builtin", "wikitext2", "c4")
+_C4_FILE = "en/c4-train.00000-of-01024.json.gz"  # the shard GPTQ and SVD-LLM calibrate on
+
+
+@dataclass
+class CalibrationSet:
+    """Tokenized calibration batches, ready for ``model(**batch)``.
+
+    ``batches``: dicts with "input_ids" (batch × seq, int64) and "attention_mask" (batch × seq, int64,
+    1 = real token, 0 = padding). ``description``: JSON-safe record of how they were made (source, seed, …).
+    """
+
+    batches: list[dict[str, Tensor]]
+    description: dict = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (non-padding) tokens in all batches."""
+        return int(sum(int(b["attention_mask"].sum()) for b in self.batches))
+
+    def __len__(self) -> int:
+        return sum(int(b["input_ids"].shape[0]) for b in self.batches)
+
+
+def _need_datasets(source: str):
+    try:
+        import datasets
+    except ImportError as err:
+        raise ValueError(
+            f"calibration source {source!r} needs the optional package 'datasets' (pip install 'coala[eval]'); "
+            "without it use --calib builtin or a local .txt / .jsonl file"
+        ) from err
+    return datasets
+
+
+def _load_hub(source: str, split: str) -> list[str]:
+    datasets = _need_datasets(source)
+    try:
+        if source == "wikitext2":
+            data = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+        else:
+            files = {"train": _C4_FILE, "validation": "en/c4-validation.00000-of-00008.json.gz"}
+            name = "validation" if split == "test" else "train"
+            data = datasets.load_dataset("allenai/c4", data_files={name: files[name]}, split=name)
+    except Exception as err:  # network / hub errors of any type: say which source failed
+        raise ValueError(f"could not load calibration source {source!r} through 'datasets': {err}") from err
+    return list(data["text"])
+
+
+def _read_file(path: Path) -> list[str]:
+    """Documents of a local file: .txt (separated by blank lines) or .jsonl (one object per line, field "text")."""
+    if not path.is_file():
+        raise FileNotFoundError(f"calibration file {str(path)!r} does not exist")
+    raw = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        docs = []
+        for lineno, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object with a string field 'text'")
+            docs.append(obj["text"])
+    elif path.suffix in (".txt", ".text", ".md", ""):
+        docs = re.split(r"\n\s*\n", raw)
+    else:
+        raise ValueError(f"calibration file {str(path)!r}: expected a .txt or .jsonl file, got {path.suffix!r}")
+    docs = [d.strip() for d in docs if d.strip()]
+    if not docs:
+        raise ValueError(f"calibration file {str(path)!r} contains no text")
+    return docs
+
+
+def load_texts(source: str | os.PathLike, split: str = "train") -> list[str]:
+    """Documents of a calibration/evaluation source: "builtin", "wikitext2", "c4" or a .txt / .jsonl path."""
+    if isinstance(source, str) and source in SOURCES:
+        if source == "builtin":
+            return builtin_texts(split)
+        return _load_hub(source, split)
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"calibration source must be a name or a path, got {type(source).__name__}")
+    return _read_file(Path(source))
+
+
+def describe_source(source: str | os.PathLike) -> dict:
+    """JSON-safe identity of a source: its name, or a file's path, size and SHA-256."""
+    if isinstance(source, str) and source in SOURCES:
+        return {"source": source}
+    path = Path(source)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    return {"source": "file", "path": str(path), "sha256": digest}
+
+
+def _adds_bos(tokenizer) -> int | None:
+    """The BOS id if the tokenizer prepends it by default (Llama, OPT), else None (GPT-2, BERT)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
+def _stack(rows: list[list[int]], pad_id: int, batch_size: int) -> list[dict[str, Tensor]]:
+    batches = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        width = max(len(r) for r in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, r in enumerate(chunk):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, : len(r)] = 1
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
+def _windows(
+    texts: list[str], tokenizer, nsamples: int, seqlen: int, rng: random.Random, where: str
+) -> list[list[int]]:
+    """SVD-LLM / GPTQ style: join documents with blank lines, tokenize once, cut ``nsamples`` random windows."""
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, verbose=False)["input_ids"]
+    bos = _adds_bos(tokenizer)
+    body = seqlen - (bos is not None)
+    if len(ids) < body:
+        raise ValueError(f"calibration source {where} has {len(ids)} tokens, fewer than one window of {body}")
+    starts = [rng.randint(0, len(ids) - body) for _ in range(nsamples)]
+    return [([bos] if bos is not None else []) + ids[s : s + body] for s in starts]
+
+
+def _c4_windows(texts: list[str], tokenizer, nsamples: int, seqlen: int, rng: random.Random) -> list[list[int]]:
+    """GPTQ's c4 recipe: pick random documents until one is longer than seqlen, take a random window of it."""
+    out = []
+    for _ in range(nsamples):
+        for _attempt in range(100_000):
+            ids = tokenizer(texts[rng.randint(0, len(texts) - 1)], verbose=False)["input_ids"]
+            if len(ids) > seqlen:
+                break
+        else:
+            raise ValueError(f"c4: found no document longer than {seqlen} tokens")
+        s = rng.randint(0, len(ids) - seqlen - 1)
+        out.append(ids[s : s + seqlen])
+    return out
+
+
+def _sentences(
+    texts: list[str], tokenizer, nsamples: int, seqlen: int, rng: random.Random, where: str
+) -> list[list[int]]:
+    """Paragraphs (blank-line separated, ≥ 40 characters), sampled without replacement, tokenized with the
+    model's special tokens ([CLS] … [SEP]) and truncated to seqlen; sorted by length to limit padding."""
+    paras = [" ".join(p.split()) for doc in texts for p in re.split(r"\n\s*\n", doc)]
+    paras = [p for p in paras if len(p) >= 40]
+    if len(paras) < nsamples:
+        raise ValueError(
+            f"calibration source {where} has {len(paras)} paragraphs of at least 40 characters, "
+            f"fewer than nsamples={nsamples}"
+        )
+    chosen = rng.sample(paras, nsamples)
+    rows = [tokenizer(p, truncation=True, max_length=seqlen, verbose=False)["input_ids"] for p in chosen]
+    return sorted(rows, key=len)
+
+
+def calibration_batches(
+    source: str | os.PathLike | list[str],
+    tokenizer,
+    *,
+    nsamples: int = 256,
+    seqlen: int = 2048,
+    seed: int = 0,
+    mode: str = "windows",
+    batch_size: int | None = None,
+    max_positions: int | None = None,
+) -> CalibrationSet:
+    """Tokenized calibration batches from a source (deterministic for a fixed seed).
+
+    Args:
+        source: "builtin" (offline), "wikitext2", "c4" (through ``datasets``), a .txt / .jsonl path, or a
+            list of documents.
+        tokenizer: a Hugging Face tokenizer.
+        nsamples, seqlen: number of samples and their length in tokens (``seqlen`` is clamped to
+            ``max_positions``, the model's ``max_position_embeddings``, when given).
+        mode: "windows" (decoder LMs: random windows of exactly seqlen tokens of the joined corpus, with BOS
+            first when the tokenizer adds one; c4 follows GPTQ's per-document recipe) or "sentences"
+            (encoders: one paragraph per sample with the tokenizer's special tokens, padded per batch).
+        batch_size: samples per batch (default: 8192 tokens per batch for windows, 32 for sentences).
+    """
+    for arg, v in (("nsamples", nsamples), ("seqlen", seqlen)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{arg} must be a positive int, got {v!r}")
+    if mode not in ("windows", "sentences"):
+        raise ValueError(f"mode must be 'windows' or 'sentences', got {mode!r}")
+    if max_positions is not None:
+        seqlen = min(seqlen, int(max_positions))
+    if isinstance(source, list):
+        texts, desc, where = source, {"source": "texts", "documents": len(source)}, "(list of texts)"
+        if not any(t.strip() for t in texts):
+            raise ValueError("calibration texts are empty")
+    else:
+        texts, desc, where = load_texts(source), describe_source(source), repr(str(source))
+    rng = random.Random(seed)
+    if mode == "sentences":
+        rows = _sentences(texts, tokenizer, nsamples, seqlen, rng, where)
+    elif source == "c4":
+        rows = _c4_windows(texts, tokenizer, nsamples, seqlen, rng)
+    else:
+        rows = _windows(texts, tokenizer, nsamples, seqlen, rng, where)
+    if batch_size is None:
+        batch_size = max(1, 8192 // seqlen) if mode == "windows" else 32
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = _stack(rows, pad, batch_size)
+    desc = {**desc, "mode": mode, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "batch_size": batch_size,
+            "tokenizer": getattr(tokenizer, "name_or_path", type(tokenizer).__name__)}
+    out = CalibrationSet(batches, desc)
+    out.description["tokens"] = out.num_tokens
     return out

@@ -1,0 +1,353 @@
+"""Block-by-block calibration (GPTQ / SVD-LLM style), for any Hugging Face transformer.
+
+1. ``find_blocks``: the repeated blocks are the largest ``nn.ModuleList`` whose members all have one class
+   (``model.layers``, ``h``, ``encoder.layer``, ``decoder.layers`` …) — no table per architecture.
+2. ``catch_block_inputs``: run the model on each calibration batch until block 0 is called; a forward
+   pre-hook records the block's positional arguments (the hidden states) and keyword arguments (attention
+   mask, position embeddings / ids …) and stops the forward. KV caches are disabled while catching.
+3. ``BlockWalker``: moves one block at a time to the compute device, streams every batch through it
+   (optionally with an ``InputCapture`` feeding one ``ActivationStats`` per distinct input, padding rows
+   excluded through the batch's attention mask) and, when asked, replaces each batch's hidden states by the
+   block's outputs, which become the next block's inputs.
+
+Memory: the hidden states of all calibration samples (one copy, tokens × hidden, in the model's dtype) stay
+where the model's embeddings are (usually the CPU); outputs overwrite inputs batch by batch. Only one block,
+one batch of activations and that block's statistics are on the compute device at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .capture import InputCapture
+from .linalg.stats import ActivationStats
+from .lowrank import find_linear_layers
+
+
+class _BlockReached(Exception):
+    """Raised by the pre-hook on block 0 to stop the forward once its inputs are recorded."""
+
+    def __init__(self, args: tuple, kwargs: dict) -> None:
+        super().__init__()
+        self.args, self.kwargs = args, kwargs
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The repeated blocks of ``model``: (dotted name, ModuleList).
+
+    Chosen generically: among all ``nn.ModuleList`` whose members share one class, the one holding the most
+    parameters (ties: the most members, then the first found).
+    """
+    best: tuple[tuple[int, int], str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(m) for m in module}) != 1:
+            continue
+        key = (sum(p.numel() for p in module.parameters()), len(module))
+        if key[0] > 0 and (best is None or key > best[0]):
+            best = (key, name, module)
+    if best is None:
+        raise ValueError(
+            f"found no repeated blocks in {type(model).__name__}: coala compresses models whose layers are an "
+            "nn.ModuleList of identical blocks (model.layers, h, encoder.layer, …)"
+        )
+    return best[1], best[2]
+
+
+def block_layers(
+    model: nn.Module, blocks: nn.ModuleList, prefix: str, targets: Sequence[str] | None
+) -> list[dict[str, nn.Module]]:
+    """For each block, full dotted name → targeted linear layer inside it (validated for every block).
+
+    A target must match a linear layer in every block (layers outside the blocks — embeddings, lm_head,
+    pooler — are never compressed); ValueError otherwise, naming the target.
+    """
+    out = []
+    for i, block in enumerate(blocks):
+        try:
+            found = find_linear_layers(block, targets)
+        except ValueError as err:
+            raise ValueError(f"in block {prefix}.{i}: {err} (targets are matched inside the blocks only)") from err
+        if not found:
+            raise ValueError(f"block {prefix}.{i} contains no linear layer to compress")
+        out.append({f"{prefix}.{i}.{name}": m for name, m in found.items()})
+    return out
+
+
+def _to(obj, device: torch.device):
+    """Move the tensors inside (nested tuples / lists / dicts of) ``obj`` to ``device``."""
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _strip(obj):
+    """Detach tensors; drop KV-cache objects (they would grow with every block call)."""
+    if isinstance(obj, Tensor):
+        return obj.detach()
+    if isinstance(obj, tuple):
+        return tuple(_strip(o) for o in obj)
+    if isinstance(obj, list):
+        return [_strip(o) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _strip(v) for k, v in obj.items()}
+    if type(obj).__name__.endswith("Cache"):
+        return None
+    return obj
+
+
+def _share(new, old):
+    """Reuse ``old``'s tensors where ``new`` holds equal ones (position ids / embeddings, causal masks)."""
+    if isinstance(new, Tensor) and isinstance(old, Tensor):
+        same = new.shape == old.shape and new.dtype == old.dtype and new.device == old.device
+        return old if same and torch.equal(new, old) else new
+    if isinstance(new, tuple) and isinstance(old, tuple) and len(new) == len(old):
+        return tuple(_share(a, b) for a, b in zip(new, old, strict=True))
+    if isinstance(new, dict) and isinstance(old, dict):
+        return {k: _share(v, old[k]) if k in old else v for k, v in new.items()}
+    return new
+
+
+@dataclass
+class BlockInputs:
+    """What block 0 received for each calibration batch; hidden states are replaced as blocks run.
+
+    ``args[b]``: positional arguments (the first is the hidden states, batch × seq × hidden, model dtype);
+    ``kwargs[b]``: keyword arguments (attention mask, position embeddings, …); ``masks[b]``: the
+    (batch × seq) padding mask (1 = real token), or None when the batch has no padding.
+    """
+
+    args: list[tuple] = field(default_factory=list)
+    kwargs: list[dict] = field(default_factory=list)
+    masks: list[Tensor | None] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.args)
+
+    def hidden(self, b: int) -> Tensor:
+        return self.args[b][0] if self.args[b] else self.kwargs[b]["hidden_states"]
+
+    def set_hidden(self, b: int, h: Tensor) -> None:
+        if self.args[b]:
+            self.args[b] = (h, *self.args[b][1:])
+        else:
+            self.kwargs[b] = {**self.kwargs[b], "hidden_states": h}
+
+    @property
+    def num_tokens(self) -> int:
+        return int(sum(int(m.sum()) if m is not None else self.hidden(b)[..., 0].numel()
+                       for b, m in enumerate(self.masks)))
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def normalize_batches(calibration: Iterable) -> list[dict[str, Tensor]]:
+    """Calibration batches as dicts of model inputs: accepts dicts with "input_ids" (and optionally
+    "attention_mask", "token_type_ids", …) or bare (batch × seq) int tensors of input ids."""
+    batches = []
+    for i, item in enumerate(calibration):
+        if isinstance(item, Tensor):
+            item = {"input_ids": item}
+        if not isinstance(item, dict) or "input_ids" not in item:
+            raise TypeError(f"calibration batch {i} must be a dict with 'input_ids' or an input-ids tensor, "
+                            f"got {type(item).__name__}")
+        ids = item["input_ids"]
+        if not isinstance(ids, Tensor) or ids.ndim != 2 or ids.is_floating_point():
+            raise ValueError(f"calibration batch {i}: input_ids must be an integer (batch × seq) tensor")
+        batches.append(dict(item))
+    if not batches:
+        raise ValueError("calibration data is empty")
+    return batches
+
+
+@contextlib.contextmanager
+def _no_kv_cache(model: nn.Module):
+    config = getattr(model, "config", None)
+    old = getattr(config, "use_cache", None)
+    if config is not None and old is not None:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        if config is not None and old is not None:
+            config.use_cache = old
+
+
+def catch_block_inputs(
+    model: nn.Module, block0: nn.Module, batches: list[dict[str, Tensor]], *, progress: bool = True
+) -> BlockInputs:
+    """Run ``model`` on each batch up to ``block0`` and record block 0's inputs (on the model's device)."""
+    device = _model_device(model)
+    caught = BlockInputs()
+
+    def hook(_module, args, kwargs):
+        raise _BlockReached(args, kwargs)
+
+    handle = block0.register_forward_pre_hook(hook, with_kwargs=True)
+    prev_args: tuple = ()
+    prev_kwargs: dict = {}
+    try:
+        with _no_kv_cache(model), torch.no_grad():
+            for batch in tqdm(batches, desc="catch block-0 inputs", disable=not progress, leave=False):
+                try:
+                    model(**_to(batch, device))
+                except _BlockReached as stop:
+                    args, kwargs = _strip(stop.args), _strip(stop.kwargs)
+                else:
+                    raise RuntimeError(f"the forward of {type(model).__name__} returned without calling block 0")
+                args, kwargs = _share(args, prev_args), _share(kwargs, prev_kwargs)
+                if not args and "hidden_states" not in kwargs:
+                    raise RuntimeError("block 0 was called without hidden states (no positional argument and no "
+                                       "'hidden_states' keyword)")
+                mask = batch.get("attention_mask")
+                caught.args.append(args)
+                caught.kwargs.append(kwargs)
+                caught.masks.append(None if mask is None or bool(mask.all()) else mask.detach().cpu())
+                prev_args, prev_kwargs = args, kwargs
+    finally:
+        handle.remove()
+    return caught
+
+
+def _check_outputs(h: Tensor, mask: Tensor | None, where: str) -> None:
+    real = h if mask is None else h[mask.to(h.device) != 0]
+    if not bool(torch.isfinite(real).all()):
+        bad = int((~torch.isfinite(real)).sum())
+        raise ValueError(f"{where} produced {bad} non-finite output values (NaN/Inf) on calibration data; "
+                         "coala never replaces them: check the model's weights and dtype")
+
+
+class BlockWalker:
+    """Runs calibration batches through a model's blocks one at a time.
+
+    Args:
+        model: the model (in eval mode; left where it is, usually on the CPU).
+        batches: model inputs (see ``normalize_batches``).
+        targets: linear-layer names to compress inside each block (None: all of them).
+        device: compute device for the current block (default: the model's device).
+        progress: show tqdm bars.
+
+    Attributes: ``prefix`` / ``blocks`` (from ``find_blocks``), ``layers[i]`` (full name → layer of block i),
+    ``inputs`` (after ``catch``), ``calib_seconds`` (time spent in forward passes).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: list[dict[str, Tensor]],
+        *,
+        targets: Sequence[str] | None = None,
+        device: torch.device | str | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.model, self.batches, self.progress = model, batches, progress
+        self.prefix, self.blocks = find_blocks(model)
+        self.layers = block_layers(model, self.blocks, self.prefix, targets)
+        self.home = _model_device(model)
+        self.device = torch.device(device) if device is not None else self.home
+        self.inputs: BlockInputs | None = None
+        self.calib_seconds = 0.0
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def block_name(self, i: int) -> str:
+        return f"{self.prefix}.{i}"
+
+    def catch(self) -> BlockInputs:
+        t0 = time.perf_counter()
+        self.inputs = catch_block_inputs(self.model, self.blocks[0], self.batches, progress=self.progress)
+        self.calib_seconds += time.perf_counter() - t0
+        return self.inputs
+
+    def run(
+        self,
+        i: int,
+        *,
+        capture: InputCapture | None = None,
+        write: bool = True,
+        desc: str = "",
+    ) -> None:
+        """Stream every batch through block i (which must already be on ``device``).
+
+        With ``capture``, its mask is set to each batch's padding mask before the forward. With ``write``,
+        each batch's hidden states are replaced by the block's outputs (checked finite on real tokens).
+        """
+        if self.inputs is None:
+            raise RuntimeError("call catch() before run()")
+        block, inputs = self.blocks[i], self.inputs
+        t0 = time.perf_counter()
+        bar = tqdm(range(len(inputs)), desc=desc or f"block {i}", disable=not self.progress, leave=False)
+        with torch.no_grad():
+            for b in bar:
+                if capture is not None:
+                    capture.mask = inputs.masks[b]
+                out = block(*_to(inputs.args[b], self.device), **_to(inputs.kwargs[b], self.device))
+                if write:
+                    h = out[0] if isinstance(out, (tuple, list)) else out
+                    _check_outputs(h, inputs.masks[b], f"block {self.block_name(i)}")
+                    store = inputs.hidden(b)
+                    inputs.set_hidden(b, h.to(device=store.device, dtype=store.dtype))
+                del out
+        self.calib_seconds += time.perf_counter() - t0
+
+    def statistics(
+        self,
+        i: int,
+        kinds: Iterable[str],
+        *,
+        dtype: torch.dtype = torch.float32,
+        write: bool = False,
+    ) -> InputCapture:
+        """Statistics of the inputs of block i's targeted layers (one ActivationStats per distinct input),
+        on ``device``; with ``write``, the batches' hidden states become the (unchanged) block's outputs."""
+        with InputCapture(self.blocks[i], self.layers[i], kinds, dtype=dtype, device=self.device) as cap:
+            self.run(i, capture=cap, write=write, desc=f"calibrate {self.block_name(i)}")
+        missing = [name for name in self.layers[i] if name not in cap.group_of]
+        if missing:
+            raise ValueError(f"layer {missing[0]} received no input during the calibration forward passes")
+        return cap
+
+    @contextlib.contextmanager
+    def on_device(self, i: int):
+        """Move block i to the compute device for the duration of the ``with``; then back home."""
+        block = self.blocks[i]
+        block.to(self.device)
+        try:
+            yield block
+        finally:
+            block.to(self.home)
+
+
+def stats_to(stats: ActivationStats, device: torch.device | str) -> ActivationStats:
+    """A copy of ``stats`` on ``device`` (pending rows of an R factor are folded in first)."""
+    out = ActivationStats(stats.in_features, stats.kinds, dtype=_stats_dtype(stats), device=device, name=stats.name)
+    return out.load_state_dict(stats.state_dict())
+
+
+def _stats_dtype(stats: ActivationStats) -> torch.dtype:
+    if stats.r is not None:
+        return stats.r.dtype
+    if stats.gram is not None:
+        return stats.gram.G.dtype
+    return torch.float32
+
+
