@@ -1,0 +1,77 @@
+"""``coala eval MODEL_OR_DIR``: perplexity, lm-eval zero-shot tasks and embedding fidelity, as a table and JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from coala.cli._common import default_model_path, dtype_arg, load_model_and_tokenizer, print_table
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate an original or compressed model (perplexity, lm-eval, fidelity)")
+    p.add_argument("model", nargs="?", default=None,
+                   help="hub id, local model folder or compressed folder (default: the bundled MiniLM)")
+    p.add_argument("--ppl", default="", help="comma-separated perplexity sources: wikitext2,c4,builtin,PATH")
+    p.add_argument("--tasks", default="", help="comma-separated lm-eval tasks (zero-shot), e.g. piqa,arc_easy")
+    p.add_argument("--limit", type=float, default=None, help="lm-eval: examples per task (int) or fraction")
+    p.add_argument("--include-path", default=None, help="lm-eval: folder with extra task YAML definitions")
+    p.add_argument("--fidelity", action="store_true",
+                   help="embedding fidelity against --reference (default for encoder models)")
+    p.add_argument("--reference", default=None,
+                   help="reference model for fidelity (default: the base model recorded in coala.json)")
+    p.add_argument("--fidelity-text", default="builtin", help="held-out text for fidelity: builtin or PATH")
+    p.add_argument("--seqlen", type=int, default=2048, help="perplexity window length (default 2048)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--dtype", type=dtype_arg, default=None, help="float32, bfloat16 or float16 (default: as stored)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", dest="json_path", default=None, help="write the results as JSON to this path")
+    p.set_defaults(func=run)
+
+
+def _split(arg: str) -> list[str]:
+    return [s.strip() for s in arg.split(",") if s.strip()]
+
+
+def run(args: argparse.Namespace) -> int:
+    from coala.data import builtin_sentences, load_texts
+    from coala.evaluate import embedding_fidelity, lm_eval_tasks, perplexity
+
+    target = args.model or str(default_model_path())
+    model, tokenizer, info = load_model_and_tokenizer(target, device=args.device, dtype=args.dtype)
+    results: dict = {"model": target, "compressed": info["compressed"],
+                     "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+    rows: list[tuple[str, str, str]] = []
+    for source in _split(args.ppl):
+        texts = load_texts(source, "test")
+        seqlen = min(args.seqlen, getattr(model.config, "max_position_embeddings", args.seqlen) or args.seqlen)
+        res = perplexity(model, tokenizer, texts, seqlen=seqlen, batch_size=args.batch_size, source=source)
+        results.setdefault("perplexity", {})[source] = res.to_dict()
+        rows.append((f"ppl {source}", f"{res.ppl:.4f}", f"{res.windows} × {res.seqlen} tokens, {res.dtype}"))
+    if args.tasks:
+        limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+        tasks = lm_eval_tasks(model, tokenizer, _split(args.tasks), limit=limit, batch_size=args.batch_size,
+                              include_path=args.include_path)
+        results["tasks"] = tasks
+        rows += [(t, f"{r['value']:.4f}", r["metric"]) for t, r in tasks.items()]
+    if args.fidelity or (not args.ppl and not args.tasks and not info["causal"]):
+        reference = args.reference or info.get("base_model")
+        if reference is None:
+            raise ValueError("--fidelity needs --reference MODEL (no base model is recorded for this one)")
+        ref_model, _, _ = load_model_and_tokenizer(reference, device=args.device, dtype=args.dtype)
+        texts = builtin_sentences("test") if args.fidelity_text == "builtin" else load_texts(args.fidelity_text)
+        fid = embedding_fidelity(model, ref_model, tokenizer, texts, batch_size=max(args.batch_size, 32))
+        results["fidelity"] = {"reference": reference, **fid.to_dict()}
+        rows.append(("cosine mean", f"{fid.mean_cosine:.4f}", f"vs {Path(reference).name}, {fid.sentences} sentences"))
+        rows.append(("cosine p05", f"{fid.p05_cosine:.4f}", "5th percentile"))
+    if not rows:
+        raise ValueError("nothing to evaluate: give --ppl, --tasks or --fidelity")
+    print_table(("metric", "value", "details"), rows)
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.json_path}")
+    torch.set_grad_enabled(True)
+    return 0
