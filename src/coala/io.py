@@ -153,7 +153,7 @@ def save_compressed(
     config = getattr(model, "config", None)
     if not callable(getattr(config, "save_pretrained", None)):
         raise TypeError(f"save_compressed needs a transformers model with a .config, got {type(model).__name__}")
-    out = Path(out_dir)
+    out = Path(os.path.abspath(out_dir))
     if out.exists():
         if not out.is_dir():
             raise OutputExistsError(f"output path {out} exists and is not a folder")
@@ -215,9 +215,9 @@ def read_meta(path: str | os.PathLike) -> dict:
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         found = meta.get("format_version") if isinstance(meta, dict) else None
         raise ValueError(f"{meta_path}: unsupported format_version {found!r} (this coala reads {FORMAT_VERSION})")
-    for key in ("model_class", "low_rank", "tied", "weights"):
-        if key not in meta:
-            raise ValueError(f"{meta_path} lacks the key {key!r}")
+    for key, kind in (("model_class", str), ("low_rank", dict), ("tied", dict), ("weights", str)):
+        if not isinstance(meta.get(key), kind):
+            raise ValueError(f"{meta_path}: {key!r} must be a {kind.__name__}, got {meta.get(key)!r:.80}")
     return meta
 
 
