@@ -3,7 +3,7 @@
 ``builtin`` is an offline corpus made of text that ships with Python itself: the pydoc topic pages
 (``pydoc_data.topics``) and the docstrings of a fixed list of standard-library modules. It is split
 deterministically: every fifth pydoc topic (sorted by name) is held out for evaluation ("test"); the rest
-plus the docstrings form "train".
+plus the docstrings form "train" (a topic page identical to a held-out one is left out of "train").
 """
 
 from __future__ import annotations
@@ -58,9 +58,11 @@ def builtin_texts(split: str = "train") -> list[str]:
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     topics = _pydoc_topics()
+    test = [text for i, (_, text) in enumerate(topics) if i % 5 == 0]
     if split == "test":
-        return [text for i, (_, text) in enumerate(topics) if i % 5 == 0]
-    return [text for i, (_, text) in enumerate(topics) if i % 5 != 0] + _module_docstrings()
+        return test
+    held_out = set(test)  # some topics share one page ("if" / "else"): keep held-out text out of train
+    return [text for i, (_, text) in enumerate(topics) if i % 5 != 0 and text not in held_out] + _module_docstrings()
 
 
 def builtin_sentences(split: str = "train", min_chars: int = 40, max_chars: int = 400) -> list[str]:

