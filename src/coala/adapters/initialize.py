@@ -1,0 +1,114 @@
+"""``init_lora``: one entry point for context-aware (coala IPM/KPM, CorDA) and context-free (PiSSA, MiLoRA,
+plain LoRA) adapter initialisation, all returning a ``peft.PeftModel``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from peft import LoraConfig, PeftModel
+from torch import nn
+
+from ..linalg.checks import check_mu, check_rank
+from .context import Batch, collect_input_factors
+from .corda import corda_peft_model
+from .ipm_kpm import check_mode, coala_lora_factors
+from .peft_bridge import (
+    adapter_rank_and_scaling,
+    base_layer,
+    check_lora_config,
+    check_not_tied,
+    create_peft_model,
+    lora_layers,
+    set_lora_factors,
+    weight_out_in,
+)
+from .pissa import milora_peft_model, pissa_peft_model
+
+INIT_METHODS = ("coala", "corda", "pissa", "milora", "lora")
+_CONTEXT_METHODS = ("coala", "corda")
+
+
+def init_lora(
+    model: nn.Module,
+    calibration: Iterable[Batch] | None,
+    lora_config: LoraConfig,
+    *,
+    mode: str | None = None,
+    method: str = "coala",
+    mu: float = 0.0,
+    stats_dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> PeftModel:
+    """Wrap ``model`` with LoRA adapters (peft) initialised from the calibration context.
+
+    Args:
+        model: a transformers / torch model; like ``peft.get_peft_model`` it is modified in place
+            (targeted layers are wrapped, their base weights become residuals).
+        calibration: iterable of batches (token-id tensors, or dicts such as a tokenizer's output with
+            ``attention_mask``; padding is excluded). Needed by "coala" and "corda"; must be None otherwise.
+        lora_config: a ``peft.LoraConfig`` (targets, r, lora_alpha, rank_pattern, use_rslora, …). Its
+            ``init_lora_weights`` is ignored: the method decides. ``use_dora`` is not supported.
+        mode: "ipm" (default) or "kpm" for "coala" and "corda"; must be None for the other methods.
+        method: "coala" (inversion-free, this package), "corda" (peft's inverse-based CorDA),
+            "pissa" (peft), "milora" (minor singular components), "lora" (peft default: B = 0).
+        mu: regularisation μ ≥ 0 of the coala solve (R of [X; √μ I]); coala only.
+        stats_dtype: accumulation dtype of the R factors (float32 or float64).
+
+    At initialisation the returned model computes what ``model`` computed (to the rounding of the residual
+    base weights). The product of each coala adapter is U_rU_rᵀW (see ``coala.adapters.ipm_kpm``).
+    """
+    if method not in INIT_METHODS:
+        raise ValueError(f"method must be one of {INIT_METHODS}, got {method!r}")
+    if method in _CONTEXT_METHODS:
+        mode = check_mode("ipm" if mode is None else mode)
+        if calibration is None:
+            raise ValueError(f"method {method!r} needs calibration data")
+    else:
+        if mode is not None:
+            raise ValueError(f"mode applies to 'coala' and 'corda' only, not to {method!r}")
+        if calibration is not None:
+            raise ValueError(f"method {method!r} is context-free: pass calibration=None")
+    mu = check_mu(mu, "init_lora")
+    if mu != 0.0 and method != "coala":
+        raise ValueError(f"mu applies to method 'coala' only, not to {method!r}")
+    check_lora_config(lora_config)
+    was_training = model.training
+
+    if method == "corda":
+        peft_model = corda_peft_model(model, calibration, lora_config, mode=mode)
+    elif method == "pissa":
+        peft_model = pissa_peft_model(model, lora_config)
+    elif method == "milora":
+        peft_model = milora_peft_model(model, lora_config)
+    elif method == "lora":
+        peft_model = create_peft_model(model, lora_config, init_lora_weights=True)
+    else:
+        peft_model = _coala(model, calibration, lora_config, mode, mu, stats_dtype, progress)
+    peft_model.train(was_training)  # peft leaves the model in training mode; keep the caller's mode
+    peft_model.coala_init = {"method": method, "mode": mode, "mu": mu}
+    return peft_model
+
+
+def _coala(model, calibration, lora_config, mode: str, mu: float, stats_dtype, progress: bool) -> PeftModel:
+    peft_model = create_peft_model(model, lora_config, init_lora_weights=True)  # B = 0: outputs unchanged
+    layers = lora_layers(peft_model)
+    check_not_tied(peft_model, layers)
+    bases = {}
+    for name, layer in layers.items():
+        bases[name] = base_layer(layer)
+        r, _ = adapter_rank_and_scaling(layer)
+        W = weight_out_in(layer)
+        check_rank(r, W.shape[0], W.shape[1], where=name)
+    with peft_model.disable_adapter():
+        Rs = collect_input_factors(peft_model, bases, calibration, dtype=stats_dtype, progress=progress)
+    factors = {}  # every layer is solved before any weight is touched: a failure leaves the model as created
+    with torch.no_grad():
+        for name, layer in layers.items():
+            r, scaling = adapter_rank_and_scaling(layer)
+            factors[name] = coala_lora_factors(
+                weight_out_in(layer).detach(), Rs[name], r, mode=mode, mu=mu, scaling=scaling, name=name
+            )
+        for name, (B, A) in factors.items():
+            set_lora_factors(layers[name], B, A, name=name)
+    return peft_model

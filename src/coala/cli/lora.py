@@ -1,0 +1,137 @@
+"""``coala lora-init MODEL --out DIR``: initialise LoRA adapters from calibration context and save DIR/base +
+DIR/adapter (loadable with transformers + peft alone)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "lora-init",
+        help="initialise LoRA adapters (coala IPM/KPM, CorDA, PiSSA, MiLoRA) and save a residual base + adapter",
+        description="Initialise peft LoRA adapters from calibration context and save DIR/base (residual base "
+        "model) + DIR/adapter (initial adapter). At step 0 the pair computes what MODEL computes.",
+    )
+    p.add_argument("model", help="a transformers model folder or hub id")
+    p.add_argument("--out", required=True, help="output folder (must be new or empty)")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank r (default 16)")
+    p.add_argument("--alpha", type=float, default=None, help="lora_alpha (default 2·rank)")
+    p.add_argument("--rslora", action="store_true", help="rank-stabilised scaling alpha/√r")
+    p.add_argument("--targets", default=None,
+                   help="comma-separated module names for peft's target_modules (default: peft's for the architecture)")
+    p.add_argument("--method", default="coala", choices=["coala", "corda", "pissa", "milora", "lora"])
+    p.add_argument("--mode", default=None, choices=["ipm", "kpm"], help="coala / corda only (default ipm)")
+    p.add_argument("--mu", type=float, default=0.0, help="regularisation μ of the coala solve (default 0)")
+    p.add_argument("--calib", default="builtin",
+                   help="'builtin' (offline corpus), a .txt file (documents split at blank lines) or .jsonl ('text')")
+    p.add_argument("--n-samples", type=int, default=64, help="calibration windows (default 64)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--model-class", default="auto",
+                   help="transformers class name, or 'auto' (config.architectures[0], else AutoModel)")
+    p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=run)
+
+
+def read_texts(spec: str) -> list[str]:
+    """Documents of 'builtin', a .txt file (split at blank lines) or a .jsonl file (field 'text')."""
+    from ..data import builtin_texts
+
+    if spec == "builtin":
+        return builtin_texts("train")
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"calibration file {path} not found")
+    if path.suffix == ".jsonl":
+        texts = []
+        for i, line in enumerate(path.read_text().splitlines()):
+            if line.strip():
+                row = json.loads(line)
+                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                    raise ValueError(f"{path}:{i + 1}: each line must be a JSON object with a string 'text'")
+                texts.append(row["text"])
+    else:
+        texts = [t.strip() for t in path.read_text().split("\n\n") if t.strip()]
+    if not texts:
+        raise ValueError(f"calibration file {path} holds no text")
+    return texts
+
+
+def model_class_for(name: str, model_path: str):
+    """The transformers class to load MODEL with."""
+    import transformers
+
+    if name != "auto":
+        cls = getattr(transformers, name, None)
+        if cls is None:
+            raise ValueError(f"transformers has no class {name!r}")
+        return cls
+    config = transformers.AutoConfig.from_pretrained(model_path)
+    for arch in config.architectures or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel
+
+
+def run(args: argparse.Namespace) -> int:
+    from peft import LoraConfig
+    from transformers import AutoTokenizer
+
+    from ..adapters import init_lora, save_lora, text_batches
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"output directory {out} exists and is not empty")
+    if args.rank < 1:
+        raise ValueError(f"--rank must be >= 1, got {args.rank}")
+    context = args.method in ("coala", "corda")
+    if not context and args.mode is not None:
+        raise ValueError(f"--mode applies to coala and corda only, not to {args.method}")
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    cls = model_class_for(args.model_class, args.model)
+    model = cls.from_pretrained(args.model, dtype=_DTYPES[args.dtype]).to(args.device).eval()
+    config = LoraConfig(
+        r=args.rank,
+        lora_alpha=args.alpha if args.alpha is not None else 2 * args.rank,
+        use_rslora=args.rslora,
+        target_modules=[t.strip() for t in args.targets.split(",")] if args.targets else None,
+        task_type="CAUSAL_LM" if cls.__name__.endswith("ForCausalLM") else None,
+    )
+    batches = None
+    if context:
+        batches = text_batches(tokenizer, read_texts(args.calib), seq_len=args.seq_len,
+                               batch_size=args.batch_size, max_windows=args.n_samples)
+    probe = text_batches(tokenizer, read_texts(args.calib)[:1], seq_len=min(args.seq_len, 64))[0]
+    probe = {k: v.to(args.device) for k, v in probe.items()}
+    with torch.no_grad():
+        before = _first_output(model(**probe))
+    start = time.perf_counter()
+    peft_model = init_lora(model, batches, config, mode=args.mode, method=args.method, mu=args.mu)
+    seconds = time.perf_counter() - start
+    with torch.no_grad():
+        change = float((_first_output(peft_model(**probe)) - before).abs().max())
+    meta = {"model": args.model, "calib": args.calib, "n_samples": args.n_samples, "seq_len": args.seq_len,
+            "init_seconds": round(seconds, 3), "max_output_change_at_init": change}
+    save_lora(peft_model, out, tokenizer=tokenizer, meta=meta)
+    n_layers = sum(1 for n, _ in peft_model.named_modules() if n.endswith(".lora_A"))
+    print(f"{args.method}{'-' + (args.mode or 'ipm') if context else ''}: {n_layers} layers, rank {args.rank}, "
+          f"{seconds:.1f} s; max |output change| at init {change:.3g} ({args.dtype})")
+    print(f"saved {out}/base (residual base) and {out}/adapter; load with PeftModel.from_pretrained")
+    return 0
+
+
+def _first_output(output) -> torch.Tensor:
+    for key in ("logits", "last_hidden_state"):
+        if getattr(output, key, None) is not None:
+            return getattr(output, key).float()
+    return output[0].float()
