@@ -22,3 +22,12 @@ __all__ = [
     "decompose",
     "truncation_loss",
 ]
+
+
+def __getattr__(name: str):
+    """Lazy exports: ``coala.init_lora`` imports peft / transformers only when it is used."""
+    if name == "init_lora":
+        from .adapters import init_lora
+
+        return init_lora
+    raise AttributeError(f"module 'coala' has no attribute {name!r}")
