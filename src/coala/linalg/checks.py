@@ -6,6 +6,9 @@ Every check raises a ValueError or TypeError whose message says what is wrong an
 
 from __future__ import annotations
 
+import numbers
+import operator
+
 import torch
 from torch import Tensor
 
@@ -42,9 +45,13 @@ def check_weight(W: Tensor, where: str | None = None) -> None:
 
 
 def check_rank(rank: int, m: int, n: int, where: str | None = None) -> int:
-    """Rank must be an int in [1, min(m, n)]."""
-    if isinstance(rank, bool) or not isinstance(rank, int):
+    """Rank must be an integer (int, numpy or 0-dim integer tensor; not bool) in [1, min(m, n)]."""
+    if isinstance(rank, bool) or not hasattr(rank, "__index__"):
         raise TypeError(f"rank{_at(where)} must be an int, got {type(rank).__name__}")
+    try:
+        rank = operator.index(rank)
+    except TypeError:  # e.g. a float tensor, which defines __index__ but refuses
+        raise TypeError(f"rank{_at(where)} must be an int, got {type(rank).__name__} {rank!r}") from None
     if not 1 <= rank <= min(m, n):
         raise ValueError(f"rank{_at(where)} must be in [1, min(out, in)] = [1, {min(m, n)}], got {rank}")
     return rank
@@ -52,6 +59,10 @@ def check_rank(rank: int, m: int, n: int, where: str | None = None) -> int:
 
 def check_mu(mu: float, where: str | None = None) -> float:
     """μ must be a finite non-negative number."""
+    if isinstance(mu, Tensor) and mu.numel() == 1 and not mu.is_complex() and mu.dtype != torch.bool:
+        mu = mu.item()
+    if isinstance(mu, bool) or not isinstance(mu, numbers.Real):
+        raise TypeError(f"mu{_at(where)} must be a real number, got {type(mu).__name__}")
     mu = float(mu)
     if not mu >= 0.0 or mu == float("inf"):
         raise ValueError(f"mu{_at(where)} must be a finite number >= 0, got {mu}")

@@ -26,7 +26,7 @@ class Decomposition(ABC):
         return min(self.out_features, self.in_features)
 
     def factors(self, rank: int) -> tuple[Tensor, Tensor]:
-        check_rank(rank, self.out_features, self.in_features, getattr(self, "name", None))
+        rank = check_rank(rank, self.out_features, self.in_features, getattr(self, "name", None))
         return self._factors(rank)
 
     @abstractmethod

@@ -74,6 +74,10 @@ def _context_stats(X: Context, W: Tensor, needs: frozenset[str], method: str, wh
             raise TypeError(f"method {method!r}{at} needs calibration activations X (a tensor or statistics)")
         return ActivationStats(n, (), name=where)
     if isinstance(X, RFactor):
+        if X.in_features != n:
+            raise ValueError(f"RFactor{at} has in_features={X.in_features}, but W has {n} input columns")
+        if needs and X.num_rows == 0:
+            raise ValueError(f"RFactor{at} has seen no rows: run calibration data through it first")
         stats = ActivationStats(n, (), name=where)
         stats.r, stats.num_rows = X, X.num_rows
         X = stats
@@ -143,7 +147,7 @@ def approximate(
     Computes in float64 when W and X are float64, else float32; returns W's dtype.
     """
     check_weight(W, name)
-    check_rank(rank, W.shape[0], W.shape[1], name)
+    rank = check_rank(rank, W.shape[0], W.shape[1], name)
     A, B = decompose(W, X, method=method, mu=mu, adaptive_mu=adaptive_mu, name=name).factors(rank)
     return A.to(W.dtype), B.to(W.dtype)
 

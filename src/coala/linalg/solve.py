@@ -42,8 +42,11 @@ class CoalaDecomposition(Decomposition):
         Ur = self.U0[:, :rank]
         weighted = float(self.truncation_loss()[rank])  # ‖(W − W₀)Xᵀ‖²
         plain = float(torch.linalg.matrix_norm(self.W - Ur @ (Ur.T @ self.W)).to(torch.float64) ** 2)
-        # W₀ = W exactly (W has rank ≤ r): no truncation, so no regularisation is needed.
-        return self.mu * weighted / plain if plain > 0.0 else 0.0
+        # W₀ = W up to rounding (W has rank ≤ r): no truncation, so no regularisation is needed (the ratio of
+        # two rounding errors would be noise).
+        w_sq = float(torch.linalg.matrix_norm(self.W).to(torch.float64) ** 2)
+        floor = (max(self.W.shape) * torch.finfo(self.W.dtype).eps) ** 2 * w_sq
+        return self.mu * weighted / plain if plain > floor else 0.0
 
     def _factors(self, rank: int) -> tuple[Tensor, Tensor]:
         mu = self.effective_mu(rank)
