@@ -12,6 +12,7 @@ from torch import nn
 
 from coala.adapters import balanced_factors, coala_lora_factors, corda_decompose, init_lora, plain_svd_factors
 from coala.adapters.ipm_kpm import context_svd, numerical_rank
+from coala.linalg import RFactor
 from coala.linalg.qr_update import r_of_rows
 from coala.linalg.solve import CoalaDecomposition
 
@@ -70,12 +71,23 @@ def test_kpm_takes_the_smallest_supported_directions():
         coala_lora_factors(W, R, 11, mode="kpm")
 
 
+def test_kpm_ignores_the_noise_of_float32_statistics():
+    """An fp32 R of rank-deficient X has ~1e-8-relative noise where X has no support: KPM must not pick it."""
+    W, X = _problem(m=20, n=16, N=10, seed=2)
+    rf = RFactor(16, dtype=torch.float32)
+    rf.update(X.float())
+    B, A = coala_lora_factors(W.float(), rf.R, 3, mode="kpm")
+    ref = _projector_product(W.float().double(), X.float().double(), slice(7, 10))
+    assert float((B @ A - ref).norm() / ref.norm()) < 1e-4
+
+
 def test_float32_factors_match_float64_reference():
     W, X = _problem(m=64, n=48, N=400, seed=3)
     ref = _projector_product(W, X, slice(0, 8))
-    B, A = coala_lora_factors(W.float(), r_of_rows(X.float()), 8, mode="ipm")
-    assert B.dtype == torch.float32
-    assert float(torch.linalg.matrix_norm(B.double() @ A.double() - ref) / torch.linalg.matrix_norm(ref)) < 1e-5
+    for solve_dtype in (torch.float32, torch.float64):
+        B, A = coala_lora_factors(W.float(), r_of_rows(X.float()), 8, mode="ipm", solve_dtype=solve_dtype)
+        assert B.dtype == solve_dtype
+        assert float(torch.linalg.matrix_norm(B.double() @ A.double() - ref) / torch.linalg.matrix_norm(ref)) < 1e-5
 
 
 def test_corda_decompose_matches_peft_and_the_identity():

@@ -37,7 +37,8 @@ def init_lora(
     mode: str | None = None,
     method: str = "coala",
     mu: float = 0.0,
-    stats_dtype: torch.dtype = torch.float32,
+    stats_dtype: torch.dtype | None = None,
+    solve_dtype: torch.dtype = torch.float64,
     progress: bool = True,
 ) -> PeftModel:
     """Wrap ``model`` with LoRA adapters (peft) initialised from the calibration context.
@@ -53,7 +54,10 @@ def init_lora(
         method: "coala" (inversion-free, this package), "corda" (peft's inverse-based CorDA),
             "pissa" (peft), "milora" (minor singular components), "lora" (peft default: B = 0).
         mu: regularisation μ ≥ 0 of the coala solve (R of [X; √μ I]); coala only.
-        stats_dtype: accumulation dtype of the R factors (float32 or float64).
+        stats_dtype: accumulation dtype of the R factors: float32 or float64; default float32 for IPM and
+            float64 for KPM (KPM's bottom directions sit near the rounding floor of float32 statistics).
+        solve_dtype: dtype of the per-layer SVDs (float64 default). Factors are then cast to the adapter's
+            dtype; residual base weights are computed in float64 and rounded once to the base dtype.
 
     At initialisation the returned model computes what ``model`` computed (to the rounding of the residual
     base weights). The product of each coala adapter is U_rU_rᵀW (see ``coala.adapters.ipm_kpm``).
@@ -84,13 +88,16 @@ def init_lora(
     elif method == "lora":
         peft_model = create_peft_model(model, lora_config, init_lora_weights=True)
     else:
-        peft_model = _coala(model, calibration, lora_config, mode, mu, stats_dtype, progress)
+        if stats_dtype is None:
+            stats_dtype = torch.float64 if mode == "kpm" else torch.float32
+        peft_model = _coala(model, calibration, lora_config, mode, mu, stats_dtype, solve_dtype, progress)
     peft_model.train(was_training)  # peft leaves the model in training mode; keep the caller's mode
-    peft_model.coala_init = {"method": method, "mode": mode, "mu": mu}
+    peft_model.coala_init = {"method": method, "mode": mode, "mu": mu,
+                             "stats_dtype": str(stats_dtype).removeprefix("torch.") if stats_dtype else None}
     return peft_model
 
 
-def _coala(model, calibration, lora_config, mode: str, mu: float, stats_dtype, progress: bool) -> PeftModel:
+def _coala(model, calibration, lora_config, mode: str, mu: float, stats_dtype, solve_dtype, progress: bool):
     peft_model = create_peft_model(model, lora_config, init_lora_weights=True)  # B = 0: outputs unchanged
     layers = lora_layers(peft_model)
     check_not_tied(peft_model, layers)
@@ -107,7 +114,8 @@ def _coala(model, calibration, lora_config, mode: str, mu: float, stats_dtype, p
         for name, layer in layers.items():
             r, scaling = adapter_rank_and_scaling(layer)
             factors[name] = coala_lora_factors(
-                weight_out_in(layer).detach(), Rs[name], r, mode=mode, mu=mu, scaling=scaling, name=name
+                weight_out_in(layer).detach(), Rs[name], r, mode=mode, mu=mu, scaling=scaling, name=name,
+                solve_dtype=solve_dtype,
             )
         for name, (B, A) in factors.items():
             set_lora_factors(layers[name], B, A, name=name)

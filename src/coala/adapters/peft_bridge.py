@@ -92,9 +92,8 @@ def adapter_rank_and_scaling(layer: LoraLayer, adapter: str = "default") -> tupl
 def set_lora_factors(layer: LoraLayer, B: Tensor, A: Tensor, adapter: str = "default", name: str = "") -> None:
     """Write lora_B (out × r) and lora_A (r × in), then make the base weight the residual W − scaling·B·A.
 
-    The residual is computed in promote(float32, W.dtype) from the factors *as stored* (after any cast to
-    the adapter's dtype), then cast to the base weight's dtype, so that base + adapter reproduces W up to
-    one rounding of the residual.
+    The residual is computed in float64 from the factors *as stored* (after their cast to the adapter's
+    dtype), then rounded once to the base weight's dtype: base + adapter reproduces W up to that rounding.
     """
     r, scaling = adapter_rank_and_scaling(layer, adapter)
     W = weight_out_in(layer)
@@ -107,7 +106,7 @@ def set_lora_factors(layer: LoraLayer, B: Tensor, A: Tensor, adapter: str = "def
     lora_A, lora_B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
     lora_A.copy_(A.to(device=lora_A.device, dtype=lora_A.dtype))
     lora_B.copy_(B.to(device=lora_B.device, dtype=lora_B.dtype))
-    dtype = torch.promote_types(torch.float32, W.dtype)
+    dtype = torch.float64
     product = scaling * (lora_B.to(device=W.device, dtype=dtype) @ lora_A.to(device=W.device, dtype=dtype))
     residual = W.to(dtype) - product
     W.copy_(residual.to(W.dtype))  # W is a view of the stored weight: Conv1D's transpose is written back too
