@@ -234,3 +234,38 @@ def test_capture_excludes_padding_and_shares_qkv():
     assert padded.stats_for("v") is padded.stats["q"]
     with pytest.raises(KeyError, match="saw no input"):
         InputCapture(model, layers).stats_for("q")
+
+
+def test_benchmark_capture_keeps_the_rows_the_statistics_saw():
+    """coala.bench.activations: raw rows (padding excluded) next to InputCapture's streamed R of the same rows."""
+    from coala.bench.activations import capture_linear_inputs
+
+    model = _tiny_bert().float()
+
+    class Tok:  # a whitespace tokenizer with the transformers call signature the capture uses
+        def __call__(self, texts, *, padding, truncation, max_length, return_tensors):
+            ids = [[1 + (ord(w[0]) % 49) for w in t.split()][:max_length] for t in texts]
+            L = max(len(i) for i in ids)
+            input_ids = torch.tensor([i + [0] * (L - len(i)) for i in ids])
+            mask = torch.tensor([[1] * len(i) + [0] * (L - len(i)) for i in ids])
+            from transformers import BatchEncoding
+
+            return BatchEncoding({"input_ids": input_ids, "attention_mask": mask})
+
+    texts = ["a b c d e", "f g", "h i j", "k l m n o p q", "r"]
+    names = ["encoder.layer.0.attention.self.query", "encoder.layer.0.output.dense"]
+    deeper = []
+    handle = model.pooler.register_forward_hook(lambda *_: deeper.append(1))
+    out = capture_linear_inputs(model, Tok(), names, texts, max_tokens=8, batch_size=2, progress=False)
+    handle.remove()
+    assert not deeper  # the forward stopped once the last requested layer had its input
+    assert set(out) == set(names)
+    q, o = out[names[0]], out[names[1]]
+    assert q.rows.shape == (17, 16) and o.rows.shape == (17, 32)  # batches of 7 and 10 real tokens; "r" unused
+    assert q.weight.shape == (16, 16) and o.weight.shape == (16, 32)
+    for cap in (q, o):
+        R = cap.stats.r.R.double()
+        X = cap.rows.double()
+        assert _rel(R.T @ R, X.T @ X) < 1e-5
+    with pytest.raises(KeyError, match="no module named"):
+        capture_linear_inputs(model, Tok(), ["encoder.nope"], texts, max_tokens=8, progress=False)
