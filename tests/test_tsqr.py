@@ -119,7 +119,7 @@ def test_state_dict_round_trip_through_safetensors(ref, tmp_path):
     f.update(rest)
     g.update(rest)
     assert f.num_rows == g.num_rows == 500
-    assert torch.equal(f.R, g.R)
+    assert _rel(g.R, f.R) < 1e-14  # resuming from the saved state = never having stopped
     assert _rel(g.R, ref.r_factor(X)) < 1e-12
 
 
