@@ -12,14 +12,22 @@ from .linalg import (
 
 __version__ = "0.1.0"
 
+from .compress import CompressConfig, apply_low_rank, collect_statistics, compress
+from .io import load
+
 __all__ = [
     "METHODS",
     "ActivationStats",
+    "CompressConfig",
     "Decomposition",
     "RFactor",
     "__version__",
+    "apply_low_rank",
     "approximate",
+    "collect_statistics",
+    "compress",
     "decompose",
+    "load",
     "truncation_loss",
 ]
 
