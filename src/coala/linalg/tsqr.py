@@ -1,8 +1,9 @@
 """Streaming, mergeable R factor of activations (TSQR).
 
 ``RFactor`` holds R (n × n, upper triangular, diag ≥ 0) with RᵀR = XᵀX for every row x seen, plus a buffer
-of pending rows. Rows are buffered until a block of ``block_rows`` is full; then R ← R([R; X_b]). Memory is
-O((n + block_rows) · n) whatever the number of rows. XᵀX is never formed.
+of pending rows. Rows are buffered until a block of ``block_rows`` is full; then R ← R([R; X_b]), computed in
+place in R and the buffer (``qr_update.update_r_``). Memory is O((n + block_rows) · n) whatever the number of
+rows. XᵀX is never formed.
 
 Precision: rows of any floating dtype (bf16/fp16 included) are upcast to ``dtype`` (float32 by default,
 or float64) before they enter the buffer; every QR runs in ``dtype``.
@@ -14,14 +15,21 @@ import torch
 from torch import Tensor
 
 from .checks import check_mu, flatten_rows
-from .qr_update import normalize_signs, r_of_stacked
+from .qr_update import normalize_signs, r_of_stacked, update_r_
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def default_block_rows(in_features: int) -> int:
-    """Rows buffered per QR update: tall blocks amortise the n × n triangle (cost ∝ (b + n)·n²)."""
-    return max(4 * in_features, 2048)
+    """Rows buffered per QR update: 2048, more for narrow layers (at least 2²⁰ buffered values).
+
+    The update exploits the triangle on top of [R; X_b], so its cost ≈ 2·b·n² flops whatever b: a block only
+    has to be tall enough to amortise the per-update overhead (≈ n/16 small LAPACK calls). Measured at
+    n = 256..4096 (benchmarks/runtime.py): 2048 rows is at or near the fastest; 4n–16n is slower, and its
+    buffer would dwarf R (16n rows = 1 GB per layer at n = 4096). The buffer holds max(2²⁰, 2048·n) values
+    (4 MB, or 8 KB per input feature, in float32): no more than R itself for n ≥ 2048.
+    """
+    return max(2048, (1 << 20) // max(in_features, 1))
 
 
 class RFactor:
@@ -57,8 +65,9 @@ class RFactor:
         self.name = name
         self.num_rows = 0
         self._R = torch.zeros(in_features, in_features, dtype=dtype, device=self.device)
-        self._buf: Tensor | None = None  # (block_rows × n), allocated on first use
+        self._buf: Tensor | None = None  # (block_rows × n), allocated on first use; the QR works in it in place
         self._fill = 0
+        self._R_shared = False  # True once R was handed out: the next in-place update works on a copy
 
     # ------------------------------------------------------------------ streaming
     def update(self, x: Tensor, mask: Tensor | None = None) -> RFactor:
@@ -82,7 +91,10 @@ class RFactor:
 
     def _flush(self) -> None:
         if self._fill:
-            self._R = r_of_stacked(self._R, self._buf[: self._fill])
+            if self._R_shared or not self._R.is_contiguous():
+                self._R = self._R.contiguous().clone()
+                self._R_shared = False
+            update_r_(self._R, self._buf[: self._fill])  # R ← R([R; X_b]) in place; the buffer is scratch
             self._fill = 0
 
     def merge(self, other: RFactor) -> RFactor:
@@ -105,6 +117,7 @@ class RFactor:
         """(n × n) upper triangular, diag ≥ 0, RᵀR = XᵀX of all rows seen; in ``dtype``."""
         self._flush()
         self._R = normalize_signs(self._R)
+        self._R_shared = True
         return self._R
 
     def regularized(self, mu: float) -> Tensor:
