@@ -4,7 +4,6 @@ DIR/adapter (loadable with transformers + peft alone)."""
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -31,39 +30,16 @@ def add_parser(sub) -> None:
     p.add_argument("--mode", default=None, choices=["ipm", "kpm"], help="coala / corda only (default ipm)")
     p.add_argument("--mu", type=float, default=0.0, help="regularisation μ of the coala solve (default 0)")
     p.add_argument("--calib", default="builtin",
-                   help="'builtin' (offline corpus), a .txt file (documents split at blank lines) or .jsonl ('text')")
-    p.add_argument("--n-samples", type=int, default=64, help="calibration windows (default 64)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
-    p.add_argument("--batch-size", type=int, default=8)
+                   help="'builtin' (offline), 'wikitext2', 'c4', or a .txt / .jsonl ('text') file")
+    p.add_argument("--n-samples", type=int, default=64, help="calibration samples (default 64)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sample (default 256)")
+    p.add_argument("--batch-size", type=int, default=None, help="samples per batch (default: coala.data's)")
+    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     p.add_argument("--model-class", default="auto",
                    help="transformers class name, or 'auto' (config.architectures[0], else AutoModel)")
     p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=run)
-
-
-def read_texts(spec: str) -> list[str]:
-    """Documents of 'builtin', a .txt file (split at blank lines) or a .jsonl file (field 'text')."""
-    from ..data import builtin_texts
-
-    if spec == "builtin":
-        return builtin_texts("train")
-    path = Path(spec)
-    if not path.is_file():
-        raise FileNotFoundError(f"calibration file {path} not found")
-    if path.suffix == ".jsonl":
-        texts = []
-        for i, line in enumerate(path.read_text().splitlines()):
-            if line.strip():
-                row = json.loads(line)
-                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                    raise ValueError(f"{path}:{i + 1}: each line must be a JSON object with a string 'text'")
-                texts.append(row["text"])
-    else:
-        texts = [t.strip() for t in path.read_text().split("\n\n") if t.strip()]
-    if not texts:
-        raise ValueError(f"calibration file {path} holds no text")
-    return texts
 
 
 def model_class_for(name: str, model_path: str):
@@ -87,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     from peft import LoraConfig
     from transformers import AutoTokenizer
 
-    from ..adapters import init_lora, save_lora, text_batches
+    from ..adapters import init_lora, save_lora
+    from ..data import calibration_batches
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
@@ -100,19 +77,21 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     cls = model_class_for(args.model_class, args.model)
     model = cls.from_pretrained(args.model, dtype=_DTYPES[args.dtype]).to(args.device).eval()
+    causal = cls.__name__.endswith(("ForCausalLM", "LMHeadModel"))
     config = LoraConfig(
         r=args.rank,
         lora_alpha=args.alpha if args.alpha is not None else 2 * args.rank,
         use_rslora=args.rslora,
         target_modules=[t.strip() for t in args.targets.split(",")] if args.targets else None,
-        task_type="CAUSAL_LM" if cls.__name__.endswith("ForCausalLM") else None,
+        task_type="CAUSAL_LM" if causal else None,
     )
-    batches = None
-    if context:
-        batches = text_batches(tokenizer, read_texts(args.calib), seq_len=args.seq_len,
-                               batch_size=args.batch_size, max_windows=args.n_samples)
-    probe = text_batches(tokenizer, read_texts(args.calib)[:1], seq_len=min(args.seq_len, 64))[0]
-    probe = {k: v.to(args.device) for k, v in probe.items()}
+    calib = calibration_batches(
+        args.calib, tokenizer, nsamples=args.n_samples, seqlen=args.seq_len, seed=args.seed,
+        mode="windows" if causal else "sentences", batch_size=args.batch_size,
+        max_positions=getattr(model.config, "max_position_embeddings", None),
+    )
+    batches = calib.batches if context else None
+    probe = {k: v[:2, :64].to(args.device) for k, v in calib.batches[0].items()}  # checks identity at init
     with torch.no_grad():
         before = _first_output(model(**probe))
     start = time.perf_counter()
@@ -120,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     with torch.no_grad():
         change = float((_first_output(peft_model(**probe)) - before).abs().max())
-    meta = {"model": args.model, "calib": args.calib, "n_samples": args.n_samples, "seq_len": args.seq_len,
+    meta = {"model": args.model, "calibration": calib.description if context else None,
             "init_seconds": round(seconds, 3), "max_output_change_at_init": change}
     save_lora(peft_model, out, tokenizer=tokenizer, meta=meta)
     n_layers = sum(1 for n, _ in peft_model.named_modules() if n.endswith(".lora_A"))

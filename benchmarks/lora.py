@@ -1,0 +1,5 @@
+import sys
+
+from coala.bench.lora import main
+
+sys.exit(main(sys.argv[1:]))
