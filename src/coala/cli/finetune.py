@@ -1,0 +1,118 @@
+"""``coala finetune DIR --out OUT``: LoRA recovery fine-tuning of a compressed model (LoRA on the low-rank factors,
+merged back into them), saved in the compressed format (reloadable with ``coala.load``)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+_OBJECTIVES = ("auto", "lm", "distill")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="recovery fine-tuning of a compressed model: LoRA on its low-rank factors, merged back",
+        description="Train LoRA adapters on the down/up factors of every low-rank layer of a compressed model "
+        "(written by `coala compress`), merge them into the factors (ranks unchanged) and save the result "
+        "in the compressed format. Objective: next-token loss for causal LMs, distillation of the original "
+        "model's hidden states for encoders.",
+    )
+    p.add_argument("dir", help="compressed model folder (with coala.json)")
+    p.add_argument("--out", required=True, help="output folder (must be new or empty unless --overwrite)")
+    p.add_argument("--data", default="builtin",
+                   help="training text: 'builtin' (offline), 'wikitext2', 'c4', or a .txt / .jsonl file")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=None, help="default 2·rank")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--objective", default="auto", choices=_OBJECTIVES,
+                   help="auto: 'lm' for causal LMs, 'distill' (needs the original model) otherwise")
+    p.add_argument("--teacher", default=None,
+                   help="original model for 'distill' (default: the base_model recorded in coala.json)")
+    p.add_argument("--n-samples", type=int, default=256, help="training samples drawn from --data")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--eval-samples", type=int, default=64,
+                   help="held-out samples (builtin test split) scored before and after; 0 to skip")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=run)
+
+
+def _evaluate(model, tokenizer, eval_batches, eval_texts, objective: str, teacher) -> dict:
+    from ..evaluate import embedding_fidelity
+    from ..finetune import mean_loss
+
+    if not eval_batches:
+        return {}
+    loss = mean_loss(model, eval_batches, objective, teacher)
+    out = {"held_out_loss": loss}
+    if objective == "lm":
+        out["held_out_ppl"] = math.exp(loss)
+    else:
+        out["embedding_cosine"] = embedding_fidelity(model, teacher, tokenizer, eval_texts).mean_cosine
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..data import builtin_sentences, builtin_texts, calibration_batches
+    from ..finetune import FinetuneConfig, finetune
+    from ..io import META_FILE, read_meta, save_compressed
+    from ._common import load_model_and_tokenizer
+
+    if not (Path(args.dir) / META_FILE).is_file():
+        raise FileNotFoundError(f"{args.dir} is not a compressed model folder (no {META_FILE})")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise ValueError(f"output folder {out} exists and is not empty (pass --overwrite)")
+    model, tokenizer, info = load_model_and_tokenizer(args.dir, device=args.device)
+    objective = args.objective if args.objective != "auto" else ("lm" if info["causal"] else "distill")
+    config = FinetuneConfig(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, steps=args.steps, lr=args.lr,
+                            objective=objective, seed=args.seed).validate()
+    teacher = None
+    if objective == "distill":
+        source = args.teacher or info["base_model"]
+        if not source:
+            raise ValueError("objective 'distill' needs the original model: pass --teacher MODEL")
+        teacher, _, _ = load_model_and_tokenizer(source, device=args.device)
+    mode = "windows" if objective == "lm" else "sentences"
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    train = calibration_batches(args.data, tokenizer, nsamples=args.n_samples, seqlen=args.seq_len, seed=args.seed,
+                                mode=mode, batch_size=args.batch_size, max_positions=max_pos)
+    eval_texts = builtin_sentences("test")[: args.eval_samples]
+    eval_batches = []
+    if args.eval_samples > 0:
+        eval_batches = calibration_batches(builtin_texts("test"), tokenizer, nsamples=args.eval_samples,
+                                           seqlen=args.seq_len, seed=args.seed + 1, mode=mode,
+                                           batch_size=args.batch_size, max_positions=max_pos).batches
+    before = _evaluate(model, tokenizer, eval_batches, eval_texts, objective, teacher)
+    start = time.perf_counter()
+    model = finetune(model, train.batches, config, teacher=teacher)
+    seconds = time.perf_counter() - start
+    after = _evaluate(model, tokenizer, eval_batches, eval_texts, objective, teacher)
+    meta = {k: v for k, v in read_meta(args.dir).items() if k not in _reserved()}
+    meta["recovery"] = {"config": config.to_dict(), "data": train.description, "seconds": round(seconds, 1),
+                        "loss_first": config.history[0], "loss_last10": _mean(config.history[-10:]),
+                        "before": before, "after": after, "source": str(args.dir)}
+    save_compressed(model, out, meta=meta, tokenizer=tokenizer, overwrite=args.overwrite)
+    print(f"recovery ({objective}): {config.steps} steps in {seconds:.1f} s; training loss "
+          f"{config.history[0]:.4f} -> {_mean(config.history[-10:]):.4f} (mean of the last 10)")
+    for key in before:
+        print(f"  held-out {key}: {before[key]:.5g} -> {after[key]:.5g}")
+    print(f"saved {out} (coala.load reloads it)")
+    return 0
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def _reserved() -> tuple[str, ...]:
+    from .. import io
+
+    return io._RESERVED  # keys save_compressed writes itself
