@@ -202,7 +202,7 @@ def test_cli_lora_init(tmp_path, capsys):
     calib.write_text("\n\n".join(" ".join(f"w{int(i)}" for i in torch.randint(0, 119, (50,), generator=g))
                                  for _ in range(6)))
     args = ["lora-init", str(tmp_path / "model"), "--out", str(tmp_path / "out"), "--rank", "4",
-            "--targets", "q_proj,v_proj", "--mode", "kpm", "--calib", str(calib)]
+            "--targets", "q_proj,v_proj", "--mode", "kpm", "--calib", str(calib), "--seqlen", "32", "--nsamples", "8"]
     assert cli_main(args) == 0
     assert "max |output change| at init" in capsys.readouterr().out
     reloaded = load_lora(tmp_path / "out")

@@ -47,7 +47,7 @@ def _tiny_bert(vocab):
 
 
 def _args(src, out, *extra):
-    return ["finetune", str(src), "--out", str(out), "--steps", "12", "--n-samples", "16", "--seq-len", "32",
+    return ["finetune", str(src), "--out", str(out), "--steps", "12", "--nsamples", "16", "--seqlen", "32",
             "--batch-size", "4", "--eval-samples", "8", "--lr", "3e-3", *extra]
 
 

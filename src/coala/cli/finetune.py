@@ -31,8 +31,8 @@ def add_parser(sub) -> None:
                    help="auto: 'lm' for causal LMs, 'distill' (needs the original model) otherwise")
     p.add_argument("--teacher", default=None,
                    help="original model for 'distill' (default: the base_model recorded in coala.json)")
-    p.add_argument("--n-samples", type=int, default=256, help="training samples drawn from --data")
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--nsamples", type=int, default=256, help="training samples drawn from --data")
+    p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--eval-samples", type=int, default=64,
                    help="held-out samples (builtin test split) scored before and after; 0 to skip")
@@ -82,13 +82,13 @@ def run(args: argparse.Namespace) -> int:
         teacher, _, _ = load_model_and_tokenizer(source, device=args.device)
     mode = "windows" if objective == "lm" else "sentences"
     max_pos = getattr(model.config, "max_position_embeddings", None)
-    train = calibration_batches(args.data, tokenizer, nsamples=args.n_samples, seqlen=args.seq_len, seed=args.seed,
+    train = calibration_batches(args.data, tokenizer, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                                 mode=mode, batch_size=args.batch_size, max_positions=max_pos)
     eval_texts = builtin_sentences("test")[: args.eval_samples]
     eval_batches = []
     if args.eval_samples > 0:
         eval_batches = calibration_batches(builtin_texts("test"), tokenizer, nsamples=args.eval_samples,
-                                           seqlen=args.seq_len, seed=args.seed + 1, mode=mode,
+                                           seqlen=args.seqlen, seed=args.seed + 1, mode=mode,
                                            batch_size=args.batch_size, max_positions=max_pos).batches
     before = _evaluate(model, tokenizer, eval_batches, eval_texts, objective, teacher)
     start = time.perf_counter()

@@ -31,8 +31,8 @@ def add_parser(sub) -> None:
     p.add_argument("--mu", type=float, default=0.0, help="regularisation μ of the coala solve (default 0)")
     p.add_argument("--calib", default="builtin",
                    help="'builtin' (offline), 'wikitext2', 'c4', or a .txt / .jsonl ('text') file")
-    p.add_argument("--n-samples", type=int, default=64, help="calibration samples (default 64)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per sample (default 256)")
+    p.add_argument("--nsamples", type=int, default=64, help="calibration samples (default 64)")
+    p.add_argument("--seqlen", type=int, default=256, help="tokens per sample (default 256)")
     p.add_argument("--batch-size", type=int, default=None, help="samples per batch (default: coala.data's)")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     p.add_argument("--model-class", default="auto",
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         task_type="CAUSAL_LM" if causal else None,
     )
     calib = calibration_batches(
-        args.calib, tokenizer, nsamples=args.n_samples, seqlen=args.seq_len, seed=args.seed,
+        args.calib, tokenizer, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
         mode="windows" if causal else "sentences", batch_size=args.batch_size,
         max_positions=getattr(model.config, "max_position_embeddings", None),
     )
