@@ -158,12 +158,21 @@ def test_bad_input(kwargs, exc, match):
         init_lora(_Tiny(), calibration, config, progress=False, **args)
 
 
-def test_kpm_rank_beyond_context_leaves_weights_untouched():
+@pytest.mark.parametrize(("method", "config"), [("coala", _cfg()), ("milora", _cfg(target_modules=["lm_head"]))])
+def test_failure_gives_the_model_back_unchanged(method, config):
     model = _Tiny()
+    if method == "milora":  # a tied target: refused after peft wrapped the model
+        model.lm_head = nn.Linear(16, 50, bias=False)
+        model.lm_head.weight = model.emb.weight
     before = copy.deepcopy(model.state_dict())
-    one_token = [torch.tensor([[3, 3]])]  # a single distinct row: W Rᵀ has rank 1
-    with pytest.raises(ValueError, match="KPM for proj"):
-        init_lora(model, one_token, _cfg(), mode="kpm", progress=False)
-    after = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in model.state_dict().items()}
+    one_token = [torch.tensor([[3, 3]])]  # a single distinct row: W Rᵀ has rank 1 < r
+    with pytest.raises(ValueError, match="KPM for proj" if method == "coala" else "tied"):
+        if method == "coala":
+            init_lora(model, one_token, config, mode="kpm", progress=False)
+        else:
+            init_lora(model, None, config, method=method, progress=False)
+    after = model.state_dict()
+    assert list(after) == list(before)
     for k, v in before.items():
         torch.testing.assert_close(after[k], v, atol=0, rtol=0)
+    assert type(model.proj) is nn.Linear

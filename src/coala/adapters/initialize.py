@@ -99,24 +99,29 @@ def init_lora(
 
 def _coala(model, calibration, lora_config, mode: str, mu: float, stats_dtype, solve_dtype, progress: bool):
     peft_model = create_peft_model(model, lora_config, init_lora_weights=True)  # B = 0: outputs unchanged
-    layers = lora_layers(peft_model)
-    check_not_tied(peft_model, layers)
-    bases = {}
-    for name, layer in layers.items():
-        bases[name] = base_layer(layer)
-        r, _ = adapter_rank_and_scaling(layer)
-        W = weight_out_in(layer)
-        check_rank(r, W.shape[0], W.shape[1], where=name)
-    with peft_model.disable_adapter():
-        Rs = collect_input_factors(peft_model, bases, calibration, dtype=stats_dtype, progress=progress)
-    factors = {}  # every layer is solved before any weight is touched: a failure leaves the model as created
-    with torch.no_grad():
+    try:
+        layers = lora_layers(peft_model)
+        check_not_tied(peft_model, layers)
+        bases = {}
         for name, layer in layers.items():
-            r, scaling = adapter_rank_and_scaling(layer)
-            factors[name] = coala_lora_factors(
-                weight_out_in(layer).detach(), Rs[name], r, mode=mode, mu=mu, scaling=scaling, name=name,
-                solve_dtype=solve_dtype,
-            )
+            bases[name] = base_layer(layer)
+            r, _ = adapter_rank_and_scaling(layer)
+            W = weight_out_in(layer)
+            check_rank(r, W.shape[0], W.shape[1], where=name)
+        with peft_model.disable_adapter():
+            Rs = collect_input_factors(peft_model, bases, calibration, dtype=stats_dtype, progress=progress)
+        factors = {}  # every layer is solved before any weight is touched
+        with torch.no_grad():
+            for name, layer in layers.items():
+                r, scaling = adapter_rank_and_scaling(layer)
+                factors[name] = coala_lora_factors(
+                    weight_out_in(layer).detach(), Rs[name], r, mode=mode, mu=mu, scaling=scaling, name=name,
+                    solve_dtype=solve_dtype,
+                )
+    except BaseException:
+        peft_model.unload()  # give the caller back the model as it was (peft wrapped it in place)
+        raise
+    with torch.no_grad():
         for name, (B, A) in factors.items():
             set_lora_factors(layers[name], B, A, name=name)
     return peft_model

@@ -29,12 +29,17 @@ def milora_peft_model(model: nn.Module, config: LoraConfig) -> PeftModel:
     """MiLoRA (Wang et al. 2024): the r smallest singular triplets of W in the adapter, base = W − them."""
     peft_model = create_peft_model(model, config, init_lora_weights=True)
     layers = lora_layers(peft_model)
-    check_not_tied(peft_model, layers)
     factors = {}
-    for name, layer in layers.items():
-        base_layer(layer)
-        r, scaling = adapter_rank_and_scaling(layer)
-        factors[name] = plain_svd_factors(weight_out_in(layer).detach(), r, minor=True, scaling=scaling, name=name)
+    try:
+        check_not_tied(peft_model, layers)
+        for name, layer in layers.items():
+            base_layer(layer)
+            r, scaling = adapter_rank_and_scaling(layer)
+            W = weight_out_in(layer).detach()
+            factors[name] = plain_svd_factors(W, r, minor=True, scaling=scaling, name=name)
+    except BaseException:
+        peft_model.unload()  # give the caller back the model as it was (peft wrapped it in place)
+        raise
     for name, (B, A) in factors.items():
         set_lora_factors(layers[name], B, A, name=name)
     return peft_model
