@@ -4,8 +4,8 @@
    would deliver them) goes into ``RFactor`` (buffers ``default_block_rows(n)`` rows, then R ← R([R; X_b]) by
    blocked Householder QR) and into ``GramAccumulator`` (G += X_bᵀX_b, one fp32 GEMM per block, as SVD-LLM).
    Reference: one monolithic ``torch.linalg.qr(X, mode="r")`` of all rows (materialised; the stream is not).
-2. Block-size sweep at n = 1024: ``RFactor(block_rows=b)`` on one stream, plus the previous route (LAPACK geqrf
-   of the stacked [R; X_b], b = 4n) for comparison.
+2. Sweeps at n = 1024 on one stream: ``RFactor(block_rows=b)``; the kernel's leaf width (columns per LAPACK
+   geqrf call, ``qr_update.LEAF``); and the previous route (LAPACK geqrf of the stacked [R; X_b], b = 4n).
 3. Per-layer solve from statistics to factors, for W of shape (n × n) and (4n × n):
    ``coala.decompose(W, stats, method=...).factors(rank)`` for "coala" (SVD of W Rᵀ) and "svd-llm" (fp64 Cholesky
    of G, its inverse, SVD of W L).
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+import coala.linalg.qr_update as qr
 from coala.bench._report import machine, markdown_table, new_figure, out_dir, write_markdown
 from coala.linalg import RFactor, decompose
 from coala.linalg.stats import ActivationStats, GramAccumulator
@@ -36,6 +37,7 @@ FULL = {"rows": {1024: 294_912, 2048: 122_880, 4096: 61_440}, "sweep_n": 1024, "
         "solve_n": 1024, "repeats": 3}
 QUICK = {"rows": {256: 16_384, 512: 8_192}, "sweep_n": 256, "sweep_rows": 16_384, "solve_n": 256, "repeats": 2}
 SWEEP_BLOCKS = (256, 512, 1024, 2048, 4096, 8192, 16384)
+SWEEP_LEAVES = (16, 32, 64, 128)  # qr_update.LEAF: columns per LAPACK geqrf call inside a 128-column panel
 
 
 @dataclass
@@ -80,6 +82,15 @@ def r_stream(s: Stream, block_rows: int | None = None) -> Tensor:
     for block in s:
         f.add_rows(block)
     return f.R
+
+
+def r_stream_leaf(s: Stream, leaf: int) -> Tensor:
+    """``r_stream`` with the kernel's leaf width set to ``leaf`` (default block_rows)."""
+    old, qr.LEAF = qr.LEAF, leaf
+    try:
+        return r_stream(s)
+    finally:
+        qr.LEAF = old
 
 
 def stacked_geqrf_stream(s: Stream, block_rows: int) -> Tensor:
@@ -133,11 +144,15 @@ def bench_sweep(cfg: dict, bar) -> tuple[list[dict], float]:
     tasks: dict[str, Callable[[], object]] = {"gram": lambda: gram_stream(s)}
     for b in SWEEP_BLOCKS:
         tasks[f"b={b}"] = lambda b=b: r_stream(s, b)
+    for leaf in SWEEP_LEAVES:
+        tasks[f"leaf={leaf}"] = lambda leaf=leaf: r_stream_leaf(s, leaf)
     tasks["geqrf"] = lambda: stacked_geqrf_stream(s, 4 * n)
     t = race(tasks, cfg["repeats"], bar)
-    rows = [{"block_rows": b, "s": t[f"b={b}"], "x_gram": t[f"b={b}"] / t["gram"], "route": "RFactor"}
-            for b in SWEEP_BLOCKS]
-    rows.append({"block_rows": 4 * n, "s": t["geqrf"], "x_gram": t["geqrf"] / t["gram"],
+    rows = [{"block_rows": b, "leaf": qr.LEAF, "s": t[f"b={b}"], "x_gram": t[f"b={b}"] / t["gram"],
+             "route": "RFactor"} for b in SWEEP_BLOCKS]
+    rows += [{"block_rows": default_block_rows(n), "leaf": leaf, "s": t[f"leaf={leaf}"],
+              "x_gram": t[f"leaf={leaf}"] / t["gram"], "route": "RFactor, leaf width"} for leaf in SWEEP_LEAVES]
+    rows.append({"block_rows": 4 * n, "leaf": "—", "s": t["geqrf"], "x_gram": t["geqrf"] / t["gram"],
                  "route": "stacked geqrf (previous)"})
     return rows, t["gram"]
 
@@ -161,7 +176,8 @@ def bench_solve(cfg: dict, bar) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------- reporting
 def plot(path, streams: list[dict], sweep: list[dict], sweep_gram: float, solve: list[dict], sweep_n: int) -> None:
-    fig, axes = new_figure(1, 3, figsize=(15, 4.2))
+    fig, axes = new_figure(2, 2, figsize=(12, 8.4))
+    axes = axes.ravel()
     ax = axes[0]
     labels = [f"n={r['n']}\n{r['rows']:,} rows" for r in streams]
     x = torch.arange(len(streams)).tolist()
@@ -176,7 +192,7 @@ def plot(path, streams: list[dict], sweep: list[dict], sweep_gram: float, solve:
     ax = axes[1]
     rf = [r for r in sweep if r["route"] == "RFactor"]
     ax.plot([r["block_rows"] for r in rf], [r["s"] for r in rf], "o-", label="RFactor(block_rows=b)")
-    prev = next(r for r in sweep if r["route"] != "RFactor")
+    prev = next(r for r in sweep if r["route"].startswith("stacked"))
     ax.plot([prev["block_rows"]], [prev["s"]], "s", color="C3", label="stacked geqrf, b=4n (previous)")
     ax.axhline(sweep_gram, color="k", ls="--", lw=1, label="Gram")
     ax.set_xscale("log", base=2)
@@ -185,6 +201,15 @@ def plot(path, streams: list[dict], sweep: list[dict], sweep_gram: float, solve:
     ax.set_title(f"block size, n = {sweep_n}")
     ax.legend(fontsize=8)
     ax = axes[2]
+    lw = [r for r in sweep if r["route"] == "RFactor, leaf width"]
+    ax.plot([r["leaf"] for r in lw], [r["s"] for r in lw], "o-", label=f"block_rows = {lw[0]['block_rows']}")
+    ax.axhline(sweep_gram, color="k", ls="--", lw=1, label="Gram")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("columns per LAPACK geqrf call (qr_update.LEAF)")
+    ax.set_ylabel("seconds")
+    ax.set_title(f"kernel leaf width, n = {sweep_n} (shipped: {qr.LEAF})")
+    ax.legend(fontsize=8)
+    ax = axes[3]
     x = list(range(len(solve)))
     ax.bar([v - 0.2 for v in x], [r["coala"] for r in solve], width=0.4, label="coala (SVD of W Rᵀ)")
     ax.bar([v + 0.2 for v in x], [r["svd-llm"] for r in solve], width=0.4, label="svd-llm (chol, inv, SVD)")
@@ -202,8 +227,8 @@ def report(d, streams, sweep, sweep_gram, solve, cfg, wall: float) -> str:
          "Gram GFLOP/s", "R GFLOP/s"],
         [[r["n"], r["rows"], r["block_rows"], r["gram"], r["r"], r["mono"], r["r/gram"], r["r/mono"],
           r["mono/gram"], r["gram_gflops"], r["r_gflops"]] for r in streams])
-    t2 = markdown_table(["route", "b (rows per update)", "s", "× Gram"],
-                        [[r["route"], r["block_rows"], r["s"], r["x_gram"]] for r in sweep])
+    t2 = markdown_table(["route", "b (rows per update)", "leaf width", "s", "× Gram"],
+                        [[r["route"], r["block_rows"], r["leaf"], r["s"], r["x_gram"]] for r in sweep])
     t3 = markdown_table(["W", "rank", "coala s", "svd-llm s", "coala / svd-llm"],
                         [[r["shape"], r["rank"], r["coala"], r["svd-llm"], r["ratio"]] for r in solve])
     ratios = "\n".join(
@@ -238,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     d = out_dir(args.out, "runtime")
     from tqdm.auto import tqdm
 
-    total = cfg["repeats"] * (3 * len(cfg["rows"]) + len(SWEEP_BLOCKS) + 2 + 4)
+    total = cfg["repeats"] * (3 * len(cfg["rows"]) + len(SWEEP_BLOCKS) + len(SWEEP_LEAVES) + 2 + 4)
     print(machine())
     t0 = time.perf_counter()
     with torch.inference_mode(), tqdm(total=total, desc="runtime", leave=False) as bar:
