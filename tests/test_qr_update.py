@@ -194,8 +194,11 @@ def test_bad_shapes_raise():
         r_of_stacked(torch.zeros(4, 3), torch.zeros(3, 3))
 
 
-def test_default_block_rows_is_bounded():
+def test_default_block_rows():
     for n in (1, 64, 1024, 4096, 16384):
         b = default_block_rows(n)
-        assert isinstance(b, int) and b >= 1
-        assert b * n * 4 <= 64 * 2**20 or b <= 2048  # the buffer stays small next to R (n² floats)
+        assert isinstance(b, int) and 2048 <= b <= max(2048, 2**20 // n)  # buffer ≤ max(4 MB, 8 KB · n)
+        assert default_block_rows(n, "cpu") == b
+        if n <= 1024:
+            assert RFactor(n).block_rows == b
+        assert default_block_rows(n, "meta") == max(4 * n, 2048)  # devices that use the stacked geqrf

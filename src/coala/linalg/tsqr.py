@@ -20,15 +20,20 @@ from .qr_update import normalize_signs, r_of_stacked, update_r_
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def default_block_rows(in_features: int) -> int:
-    """Rows buffered per QR update: 2048, more for narrow layers (at least 2²⁰ buffered values).
+def default_block_rows(in_features: int, device: torch.device | str | None = None) -> int:
+    """Rows buffered per QR update.
 
-    The update exploits the triangle on top of [R; X_b], so its cost ≈ 2·b·n² flops whatever b: a block only
-    has to be tall enough to amortise the per-update overhead (≈ n/16 small LAPACK calls). Measured at
-    n = 256..4096 (benchmarks/runtime.py): 2048 rows is at or near the fastest; 4n–16n is slower, and its
-    buffer would dwarf R (16n rows = 1 GB per layer at n = 4096). The buffer holds max(2²⁰, 2048·n) values
-    (4 MB, or 8 KB per input feature, in float32): no more than R itself for n ≥ 2048.
+    CPU (default): 2048, more for narrow layers (at least 2²⁰ buffered values). The CPU update exploits the
+    triangle on top of [R; X_b], so its cost ≈ 2·b·n² flops whatever b: a block only has to be tall enough to
+    amortise the per-update overhead (a few hundred small torch calls). Measured at n = 256..4096
+    (benchmarks/runtime.py): 2048 rows is at or near the fastest; 4n–16n is slower, and its buffer would dwarf
+    R (16n rows = 1 GB per layer at n = 4096). The buffer holds max(2²⁰, 2048·n) values (4 MB, or 8 KB per
+    input feature, in float32): no more than R itself for n ≥ 2048.
+    Other devices (one geqrf of the stacked (n + b) × n matrix, ≈ 2(b + n)n² flops): max(4n, 2048), so that
+    the triangle costs at most ≈ 17 % extra.
     """
+    if device is not None and torch.device(device).type != "cpu":
+        return max(4 * in_features, 2048)
     return max(2048, (1 << 20) // max(in_features, 1))
 
 
@@ -39,7 +44,7 @@ class RFactor:
         in_features: n, the width of each row.
         dtype: accumulation dtype, torch.float32 (default) or torch.float64.
         device: where R and the buffer live (default: CPU).
-        block_rows: rows per QR update (default ``default_block_rows(n)``).
+        block_rows: rows per QR update (default ``default_block_rows(n, device)``).
         name: used in error messages (e.g. the layer whose inputs these are).
     """
 
@@ -59,7 +64,7 @@ class RFactor:
         self.in_features = in_features
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.block_rows = int(block_rows) if block_rows is not None else default_block_rows(in_features)
+        self.block_rows = int(block_rows) if block_rows is not None else default_block_rows(in_features, self.device)
         if self.block_rows < 1:
             raise ValueError(f"block_rows must be >= 1, got {block_rows}")
         self.name = name
