@@ -10,10 +10,14 @@ VOCAB = 101
 ARCHS = ("llama", "mistral", "qwen2", "opt", "gpt2", "bert")
 
 
-def build(kind: str, *, layers: int = 2, seed: int = 0) -> nn.Module:
-    """hidden 32, MLP 48 (GPT-2: 4·32), 4 heads (Llama/Mistral/Qwen2: 2 KV heads = grouped-query attention)."""
+def build(kind: str, *, layers: int = 2, seed: int = 0, init: float = 0.02) -> nn.Module:
+    """hidden 32, MLP 48 (GPT-2: 4·32), 4 heads (Llama/Mistral/Qwen2: 2 KV heads = grouped-query attention).
+
+    ``init``: std of the random weights (transformers' initializer_range; ignored by GPT-2).
+    """
     torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=64)
+    common = dict(vocab_size=VOCAB, num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=64,
+                  initializer_range=init)
     if kind in ("llama", "mistral", "qwen2"):
         cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
                "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),

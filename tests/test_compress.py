@@ -76,6 +76,26 @@ def test_ratio_report_and_untouched_head():
     assert "targeted layers" in report.table() and "model.layers.1.mlp.down_proj" in report.table()
 
 
+def test_svd_llm_v2_allocates_per_group():
+    from coala.allocate import ranks_for_ratios, svd_llm_v2_ratios
+    from coala.layer_solve import layer_kind
+
+    model = build("llama", layers=3, init=0.5)
+    report = compress(model, batches(n=2), CompressConfig(ratio=0.4, method="svd-llm-v2", **QUIET))
+    # recompute the published allocation from the probe's losses: V2's truncation loss at the uniform rank
+    probe = build("llama", layers=3, init=0.5)
+    stats = collect_statistics(probe, batches(n=2), CompressConfig(method="svd-llm-v2", error_stats=False, **QUIET))
+    from coala.layer_solve import _v2_loss
+    from coala.lowrank import dense_weight
+
+    shapes = {r.name: (r.out_features, r.in_features) for r in report.layers}
+    uniform = {n: int(m * k * 0.6 / (m + k)) for n, (m, k) in shapes.items()}
+    losses = {n: _v2_loss(dense_weight(probe.get_submodule(n)).detach(), stats[n], uniform[n], n) for n in shapes}
+    expected = ranks_for_ratios(shapes, svd_llm_v2_ratios(losses, {n: layer_kind(n) for n in shapes}, 0.4))
+    assert report.ranks == expected
+    assert 0.38 <= report.removed_fraction < 0.45  # floors of tiny ranks remove a little more
+
+
 def test_sequential_differs_from_original_propagation_only_after_block0():
     cfg = dict(ratio=0.5, **QUIET)
     a, b = build("llama"), build("llama")
@@ -119,25 +139,30 @@ def test_save_load_identical_outputs(kind, tmp_path):
         assert loaded.lm_head.weight is loaded.transformer.wte.weight
 
 
-@pytest.mark.parametrize("propagate", ["compressed", "original"])
-def test_resume_gives_identical_files(tmp_path, monkeypatch, propagate):
+@pytest.mark.parametrize(("propagate", "method"), [("compressed", "coala"), ("original", "coala"),
+                                                    ("compressed", "svd-llm-v2")])
+def test_resume_gives_identical_files(tmp_path, monkeypatch, propagate, method):
     data = batches(n=2)
-    cfg = dict(ratio=0.3, propagate=propagate, **QUIET)
-    compress(build("llama", layers=3), data, CompressConfig(out_dir=str(tmp_path / "a"), **cfg))
+    cfg = dict(ratio=0.3, propagate=propagate, method=method, **QUIET)
+
+    def model():  # weights of std 0.5: SVD-LLM V2's allocation needs losses > 1
+        return build("llama", layers=3, init=0.5)
+
+    compress(model(), data, CompressConfig(out_dir=str(tmp_path / "a"), **cfg))
     out_b = tmp_path / "b"
     monkeypatch.setenv("COALA_INTERRUPT_AFTER_BLOCK", "1")
     with pytest.raises(SimulatedInterruption):
-        compress(build("llama", layers=3), data, CompressConfig(out_dir=str(out_b), **cfg))
+        compress(model(), data, CompressConfig(out_dir=str(out_b), **cfg))
     monkeypatch.delenv("COALA_INTERRUPT_AFTER_BLOCK")
     assert not out_b.exists() and sorted(p.name for p in (tmp_path / "b.partial").glob("block-*.json")) == [
         "block-00000.json", "block-00001.json"]
     with pytest.raises(OutputExistsError, match="resume"):  # neither resume nor overwrite: refuse
-        compress(build("llama", layers=3), data, CompressConfig(out_dir=str(out_b), **cfg))
+        compress(model(), data, CompressConfig(out_dir=str(out_b), **cfg))
     with pytest.raises(ValueError, match="other settings"):
-        compress(build("llama", layers=3), data, CompressConfig(out_dir=str(out_b), resume=True,
-                                                                **{**cfg, "ratio": 0.5}))
-    report = compress(build("llama", layers=3), data, CompressConfig(out_dir=str(out_b), resume=True, **cfg))
+        compress(model(), data, CompressConfig(out_dir=str(out_b), resume=True, **{**cfg, "ratio": 0.5}))
+    report = compress(model(), data, CompressConfig(out_dir=str(out_b), resume=True, **cfg))
     assert report.resumed_blocks == 2 and not (tmp_path / "b.partial").exists()
+    assert 0.3 <= report.removed_fraction < 0.36
     for name in ("model.safetensors", "config.json", "coala.json"):
         assert (out_b / name).read_bytes() == (tmp_path / "a" / name).read_bytes(), name
 
