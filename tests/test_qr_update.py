@@ -148,6 +148,13 @@ def test_lower_triangle_is_ignored_and_inputs_are_not_modified(blocking):
     assert torch.count_nonzero(R.tril(-1)) == 0
 
 
+def test_rows_that_require_grad_leave_no_graph():
+    x = torch.randn(23, 8, requires_grad=True)
+    f = RFactor(8, block_rows=5).update(x)
+    assert not f.R.requires_grad and not f._buf.requires_grad
+    assert torch.allclose(f.R, _reference(x.detach()).float(), atol=1e-5)
+
+
 def test_handed_out_R_is_not_changed_by_later_updates():
     g = torch.Generator().manual_seed(4)
     X = torch.randn(200, 24, dtype=F64, generator=g)

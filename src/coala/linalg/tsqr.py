@@ -81,6 +81,7 @@ class RFactor:
 
     def add_rows(self, rows: Tensor) -> RFactor:
         """Add already validated rows (N × in_features, any floating dtype); upcast block by block."""
+        rows = rows.detach()  # statistics are data: no autograd graph is kept alive across the stream
         self.num_rows += rows.shape[0]
         start = 0
         while start < rows.shape[0]:
@@ -155,7 +156,7 @@ class RFactor:
             )
         if state.get("dtype") not in (None, *_DTYPES):
             raise ValueError(f"unknown dtype {state['dtype']!r} in RFactor state")
-        self._R = R.to(device=self.device, dtype=self.dtype).triu()
+        self._R = R.detach().to(device=self.device, dtype=self.dtype).triu()
         self.num_rows = int(state["num_rows"])
         self._fill = 0
         return self
