@@ -26,8 +26,9 @@ import torch
 from torch import Tensor
 
 PANEL = 128  # columns per panel: the width k of the trailing GEMMs (b × k) · (k × c)
-LEAF = 64  # columns factored by one LAPACK geqrf call: its BLAS-2 work grows ∝ b·n·LEAF, while each leaf and
-# node costs ≈ 20 small torch calls (≈ 3 µs each); 64 was the fastest of 16/32/64/128 at n = 1024, b = 2048
+LEAF = 16  # columns per LAPACK geqrf call. Its BLAS-2 work grows ∝ b·n·LEAF, and MKL multi-threads geqrf from
+# 32 columns on, 3–5× slower than one thread on these tall-skinny panels; each leaf and node costs ≈ 20 small
+# torch calls (≈ 2 µs each on one thread). One thread: 16/32/64/128 within 5 %; two threads: 16 clearly fastest.
 
 
 def normalize_signs(R: Tensor) -> Tensor:
