@@ -65,9 +65,9 @@ def _stream_stacked(X: torch.Tensor, block: int) -> torch.Tensor:
     return R
 
 
-@pytest.fixture(params=[(q.PANEL, q.LEAF), (128, 16), (24, 5)], ids=["shipped", "panel128-leaf16", "panel24-leaf5"])
+@pytest.fixture(params=[(q.PANEL, q.LEAF), (128, 64), (24, 5)], ids=["shipped", "panel128-leaf64", "panel24-leaf5"])
 def blocking(request, monkeypatch):
-    """The shipped blocking, a deeper recursion, and a small one whose uneven splits exercise every branch."""
+    """The shipped blocking, wide leaves, and a small one whose uneven splits exercise every branch."""
     panel, leaf = request.param
     monkeypatch.setattr(q, "PANEL", panel)
     monkeypatch.setattr(q, "LEAF", leaf)
