@@ -37,6 +37,21 @@ def test_blocks_found_and_walk_reproduces_the_forward(kind):
     torch.testing.assert_close(walker.inputs.hidden(1)[real], seen["h"][real], rtol=1e-6, atol=1e-6)
 
 
+def test_offloaded_hidden_states_are_identical(tmp_path):
+    data = batches(n=3, pad=True)
+    walkers = [BlockWalker(build("gpt2"), data, progress=False),
+               BlockWalker(build("gpt2"), data, progress=False, offload_dir=tmp_path / "hidden")]
+    for w in walkers:
+        w.catch()
+        for i in range(len(w)):
+            w.run(i)
+    assert len(list((tmp_path / "hidden").glob("*.safetensors"))) == 3
+    for b in range(3):
+        assert torch.equal(walkers[0].inputs.hidden(b), walkers[1].inputs.hidden(b))
+    walkers[1].close()
+    assert not (tmp_path / "hidden").exists()
+
+
 def test_largest_repeated_modulelist_wins():
     class Toy(nn.Module):
         def __init__(self):

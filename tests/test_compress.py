@@ -150,12 +150,14 @@ def test_resume_gives_identical_files(tmp_path, monkeypatch, propagate, method):
 
     compress(model(), data, CompressConfig(out_dir=str(tmp_path / "a"), **cfg))
     out_b = tmp_path / "b"
+    cfg["offload_hidden"] = True  # run b keeps its hidden states on disk: same bytes as run a (in memory)
     monkeypatch.setenv("COALA_INTERRUPT_AFTER_BLOCK", "1")
     with pytest.raises(SimulatedInterruption):
         compress(model(), data, CompressConfig(out_dir=str(out_b), **cfg))
     monkeypatch.delenv("COALA_INTERRUPT_AFTER_BLOCK")
-    assert not out_b.exists() and sorted(p.name for p in (tmp_path / "b.partial").glob("block-*.json")) == [
-        "block-00000.json", "block-00001.json"]
+    assert not out_b.exists() and sorted(p.name for p in (tmp_path / "b.partial").iterdir()) == [
+        "block-00000.json", "block-00000.safetensors", "block-00001.json", "block-00001.safetensors",
+        "fingerprint.json"]
     with pytest.raises(OutputExistsError, match="resume"):  # neither resume nor overwrite: refuse
         compress(model(), data, CompressConfig(out_dir=str(out_b), **cfg))
     with pytest.raises(ValueError, match="other settings"):

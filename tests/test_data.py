@@ -116,9 +116,19 @@ def test_sentences_are_padded_with_a_mask(tok):
     assert not all(bool(b["attention_mask"].all()) for b in cal.batches)
 
 
+def test_sentence_batches_respect_a_token_budget(tok):
+    cal = calibration_batches("builtin", tok, nsamples=40, seqlen=128, mode="sentences", batch_tokens=256)
+    assert len(cal) == 40 and len(cal.batches) > 1
+    for batch in cal.batches:
+        rows, width = batch["input_ids"].shape
+        assert rows * width * max(1, width / 256) <= 256 or rows == 1
+
+
 def test_calibration_errors(tok, tmp_path):
     with pytest.raises(ValueError, match="nsamples"):
         calibration_batches("builtin", tok, nsamples=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        calibration_batches("builtin", tok, nsamples=2, seqlen=8, batch_size=0)
     with pytest.raises(ValueError, match="mode"):
         calibration_batches("builtin", tok, mode="chunks")
     short = tmp_path / "short.txt"

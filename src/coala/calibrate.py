@@ -18,10 +18,12 @@ one batch of activations and that block's statistics are on the compute device a
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from pathlib import Path
 
+import safetensors.torch
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -122,35 +124,72 @@ def _share(new, old):
     return new
 
 
-@dataclass
 class BlockInputs:
-    """What block 0 received for each calibration batch; hidden states are replaced as blocks run.
+    """What block 0 received for each calibration batch; the hidden states are replaced as blocks run.
 
-    ``args[b]``: positional arguments (the first is the hidden states, batch × seq × hidden, model dtype);
-    ``kwargs[b]``: keyword arguments (attention mask, position embeddings, …); ``masks[b]``: the
-    (batch × seq) padding mask (1 = real token), or None when the batch has no padding.
+    Per batch b: ``hidden(b)`` (batch × seq × hidden, model dtype), ``args[b]`` (the positional arguments after
+    the hidden states), ``kwargs[b]`` (attention mask, position embeddings, …; without "hidden_states") and
+    ``masks[b]`` (the batch × seq padding mask, 1 = real token, or None when the batch has no padding).
+
+    The hidden states live in memory (one tensor per batch, overwritten in place) or, with ``offload_dir``,
+    in one safetensors file per batch there, so that host memory does not grow with the number of samples.
     """
 
-    args: list[tuple] = field(default_factory=list)
-    kwargs: list[dict] = field(default_factory=list)
-    masks: list[Tensor | None] = field(default_factory=list)
+    def __init__(self, offload_dir: str | os.PathLike | None = None) -> None:
+        self.args: list[tuple] = []
+        self.kwargs: list[dict] = []
+        self.masks: list[Tensor | None] = []
+        self.as_keyword: list[bool] = []
+        self._hidden: list[Tensor | None] = []
+        self.offload_dir = Path(offload_dir) if offload_dir is not None else None
+        if self.offload_dir is not None:
+            self.offload_dir.mkdir(parents=True, exist_ok=True)
 
     def __len__(self) -> int:
         return len(self.args)
 
+    def _path(self, b: int) -> Path:
+        return self.offload_dir / f"hidden-{b:06d}.safetensors"
+
+    def append(self, hidden: Tensor, args: tuple, kwargs: dict, mask: Tensor | None, as_keyword: bool) -> None:
+        self.args.append(args)
+        self.kwargs.append(kwargs)
+        self.masks.append(mask)
+        self.as_keyword.append(as_keyword)
+        self._hidden.append(None)
+        self.set_hidden(len(self._hidden) - 1, hidden)
+
     def hidden(self, b: int) -> Tensor:
-        return self.args[b][0] if self.args[b] else self.kwargs[b]["hidden_states"]
+        if self.offload_dir is not None:
+            return safetensors.torch.load_file(str(self._path(b)))["hidden"]
+        return self._hidden[b]
 
     def set_hidden(self, b: int, h: Tensor) -> None:
-        if self.args[b]:
-            self.args[b] = (h, *self.args[b][1:])
+        if self.offload_dir is not None:
+            safetensors.torch.save_file({"hidden": h.detach().to("cpu").contiguous()}, str(self._path(b)))
+            return
+        store = self._hidden[b]
+        if store is not None and store.shape == h.shape:  # in place: no allocation churn for the cache
+            store.copy_(h)
         else:
-            self.kwargs[b] = {**self.kwargs[b], "hidden_states": h}
+            self._hidden[b] = h.detach().clone() if store is None else h.to(device=store.device, dtype=store.dtype)
 
-    @property
-    def num_tokens(self) -> int:
-        return int(sum(int(m.sum()) if m is not None else self.hidden(b)[..., 0].numel()
-                       for b, m in enumerate(self.masks)))
+    def call(self, b: int, device: torch.device) -> tuple[tuple, dict]:
+        """(args, kwargs) of block calls for batch b, on ``device``."""
+        h = self.hidden(b).to(device)
+        args, kwargs = _to(self.args[b], device), _to(self.kwargs[b], device)
+        if self.as_keyword[b]:
+            return args, {**kwargs, "hidden_states": h}
+        return (h, *args), kwargs
+
+    def close(self) -> None:
+        """Delete the offloaded files (the folder too when nothing else is in it)."""
+        if self.offload_dir is None or not self.offload_dir.is_dir():
+            return
+        for p in self.offload_dir.glob("hidden-*.safetensors"):
+            p.unlink(missing_ok=True)
+        if not any(self.offload_dir.iterdir()):
+            self.offload_dir.rmdir()
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -192,11 +231,16 @@ def _no_kv_cache(model: nn.Module):
 
 
 def catch_block_inputs(
-    model: nn.Module, block0: nn.Module, batches: list[dict[str, Tensor]], *, progress: bool = True
+    model: nn.Module,
+    block0: nn.Module,
+    batches: list[dict[str, Tensor]],
+    *,
+    progress: bool = True,
+    offload_dir: str | os.PathLike | None = None,
 ) -> BlockInputs:
     """Run ``model`` on each batch up to ``block0`` and record block 0's inputs (on the model's device)."""
     device = _model_device(model)
-    caught = BlockInputs()
+    caught = BlockInputs(offload_dir)
 
     def hook(_module, args, kwargs):
         raise _BlockReached(args, kwargs)
@@ -213,15 +257,21 @@ def catch_block_inputs(
                     args, kwargs = _strip(stop.args), _strip(stop.kwargs)
                 else:
                     raise RuntimeError(f"the forward of {type(model).__name__} returned without calling block 0")
-                args, kwargs = _share(args, prev_args), _share(kwargs, prev_kwargs)
-                if not args and "hidden_states" not in kwargs:
+                as_keyword = not args
+                if as_keyword and "hidden_states" not in kwargs:
                     raise RuntimeError("block 0 was called without hidden states (no positional argument and no "
                                        "'hidden_states' keyword)")
+                hidden = kwargs.pop("hidden_states") if as_keyword else args[0]
+                args = args[1:]
+                # equal masks / position tensors of consecutive batches are stored once
+                args, kwargs = _share(args, prev_args), _share(kwargs, prev_kwargs)
                 mask = batch.get("attention_mask")
-                caught.args.append(args)
-                caught.kwargs.append(kwargs)
-                caught.masks.append(None if mask is None or bool(mask.all()) else mask.detach().cpu())
+                caught.append(hidden, args, kwargs, None if mask is None or bool(mask.all()) else
+                              mask.detach().cpu(), as_keyword)
                 prev_args, prev_kwargs = args, kwargs
+    except BaseException:
+        caught.close()
+        raise
     finally:
         handle.remove()
     return caught
@@ -244,6 +294,8 @@ class BlockWalker:
         targets: linear-layer names to compress inside each block (None: all of them).
         device: compute device for the current block (default: the model's device).
         progress: show tqdm bars.
+        offload_dir: keep the calibration hidden states in files in this folder instead of in memory
+            (``close()`` removes them).
 
     Attributes: ``prefix`` / ``blocks`` (from ``find_blocks``), ``layers[i]`` (full name → layer of block i),
     ``inputs`` (after ``catch``), ``calib_seconds`` (time spent in forward passes).
@@ -257,8 +309,9 @@ class BlockWalker:
         targets: Sequence[str] | None = None,
         device: torch.device | str | None = None,
         progress: bool = True,
+        offload_dir: str | os.PathLike | None = None,
     ) -> None:
-        self.model, self.batches, self.progress = model, batches, progress
+        self.model, self.batches, self.progress, self.offload_dir = model, batches, progress, offload_dir
         self.prefix, self.blocks = find_blocks(model)
         self.layers = block_layers(model, self.blocks, self.prefix, targets)
         self.home = _model_device(model)
@@ -273,10 +326,19 @@ class BlockWalker:
         return f"{self.prefix}.{i}"
 
     def catch(self) -> BlockInputs:
+        """(Re)capture block 0's inputs for every batch."""
+        self.close()
         t0 = time.perf_counter()
-        self.inputs = catch_block_inputs(self.model, self.blocks[0], self.batches, progress=self.progress)
+        self.inputs = catch_block_inputs(self.model, self.blocks[0], self.batches, progress=self.progress,
+                                         offload_dir=self.offload_dir)
         self.calib_seconds += time.perf_counter() - t0
         return self.inputs
+
+    def close(self) -> None:
+        """Drop the cached hidden states (and their files when offloaded)."""
+        if self.inputs is not None:
+            self.inputs.close()
+            self.inputs = None
 
     def run(
         self,
@@ -300,12 +362,13 @@ class BlockWalker:
             for b in bar:
                 if capture is not None:
                     capture.mask = inputs.masks[b]
-                out = block(*_to(inputs.args[b], self.device), **_to(inputs.kwargs[b], self.device))
+                args, kwargs = inputs.call(b, self.device)
+                out = block(*args, **kwargs)
+                del args, kwargs
                 if write:
                     h = out[0] if isinstance(out, (tuple, list)) else out
                     _check_outputs(h, inputs.masks[b], f"block {self.block_name(i)}")
-                    store = inputs.hidden(b)
-                    inputs.set_hidden(b, h.to(device=store.device, dtype=store.dtype))
+                    inputs.set_hidden(b, h)
                 del out
         self.calib_seconds += time.perf_counter() - t0
 

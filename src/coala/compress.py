@@ -61,6 +61,8 @@ class CompressConfig:
             then ignored and every targeted matrix is replaced, saving parameters or not.
         propagate: "compressed" (sequential) or "original" (see the module docstring).
         device: where each block is computed ("cuda", "cpu"; default: where the model is).
+        offload_hidden: keep the calibration samples' hidden states in files (in ``work_dir``, else a temporary
+            folder) instead of host memory, which then no longer grows with ``nsamples``; same results.
         stats_dtype: accumulation dtype of R factors / Gram matrices: "float32" or "float64".
         error_stats: also collect R for methods that do not need it, to report the weighted error.
         nsamples, seqlen, seed, calib_mode, batch_size: used when ``calibration`` is a source name or path
@@ -80,6 +82,7 @@ class CompressConfig:
     rank: int | str | None = None
     propagate: str = "compressed"
     device: str | None = None
+    offload_hidden: bool = False
     stats_dtype: str = "float32"
     error_stats: bool = True
     nsamples: int = 256
@@ -170,7 +173,8 @@ def _fingerprint(model: nn.Module, batches: list, description: dict, config: Com
             data.update(b[k].contiguous().cpu().numpy().tobytes())
     cfg = getattr(model, "config", None)
     settings = {k: v for k, v in asdict(config).items()
-                if k not in ("out_dir", "work_dir", "resume", "overwrite", "progress", "max_shard_size")}
+                if k not in ("out_dir", "work_dir", "resume", "overwrite", "progress", "max_shard_size",
+                             "offload_hidden")}
     from . import __version__
 
     return {
@@ -201,6 +205,16 @@ def _prepare_output(config: CompressConfig) -> BlockCheckpoint | None:
     return ckpt
 
 
+def _offload_dir(config: CompressConfig, ckpt: BlockCheckpoint | None) -> str | None:
+    if not config.offload_hidden:
+        return None
+    if ckpt is not None:
+        return str(ckpt.work_dir / "hidden")
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="coala-hidden-")
+
+
 def _maybe_interrupt(i: int) -> None:
     value = os.environ.get(INTERRUPT_ENV)
     if value is not None and value.strip() == str(i):
@@ -229,7 +243,8 @@ def compress(model: nn.Module, calibration="builtin", config: CompressConfig | N
     ckpt = _prepare_output(config)
     batches, description = _calibration_set(model, calibration, config, tokenizer)
     model.eval()
-    walker = BlockWalker(model, batches, targets=config.targets, device=config.device, progress=config.progress)
+    walker = BlockWalker(model, batches, targets=config.targets, device=config.device, progress=config.progress,
+                         offload_dir=_offload_dir(config, ckpt))
     shapes = {name: _shape(m) for layers in walker.layers for name, m in layers.items()}
     kinds = config.kinds()
     dtype = _DTYPES[config.stats_dtype]
@@ -272,9 +287,12 @@ def compress(model: nn.Module, calibration="builtin", config: CompressConfig | N
                     if config.propagate == "compressed" and i < last and kinds:
                         walker.run(i, desc=f"propagate {walker.block_name(i)}")
                 rows += new_rows
+                # point at the new layers: the replaced dense weights must not stay alive (memory)
+                walker.layers[i] = {name: model.get_submodule(name) for name in walker.layers[i]}
                 if ckpt is not None:
                     ckpt.save_block(i, state, {"layers": [asdict(r) for r in new_rows], "plan": plan})
                 _maybe_interrupt(i)
+        walker.close()
         report = CompressionReport(
             method=config.method, ratio=None if config.rank is not None else float(config.ratio),
             mu=float(config.mu), adaptive_mu=config.adaptive_mu, propagate=config.propagate, layers=rows,
@@ -294,6 +312,7 @@ def compress(model: nn.Module, calibration="builtin", config: CompressConfig | N
             ckpt.clear()
             report.output = str(config.out_dir)
     except BaseException:
+        walker.close()
         if started and ckpt.finished() == 0:
             ckpt.clear()
         raise
@@ -320,16 +339,20 @@ def collect_statistics(model: nn.Module, calibration="builtin", config: Compress
     config = (config or CompressConfig()).validate()
     batches, _ = _calibration_set(model, calibration, config, tokenizer)
     model.eval()
-    walker = BlockWalker(model, batches, targets=config.targets, device=config.device, progress=config.progress)
+    walker = BlockWalker(model, batches, targets=config.targets, device=config.device, progress=config.progress,
+                         offload_dir=_offload_dir(config, None))
     kinds = config.kinds(methods)
     out: dict[str, ActivationStats] = {}
-    with torch.no_grad():
-        walker.catch()
-        for i in tqdm(range(len(walker)), desc="calibrate blocks", disable=not config.progress):
-            with walker.on_device(i):
-                cap = walker.statistics(i, kinds, dtype=_DTYPES[config.stats_dtype], write=i < len(walker) - 1)
-            moved = {key: stats_to(s, "cpu") for key, s in cap.stats.items()}
-            out.update({name: moved[cap.group_of[name]] for name in walker.layers[i]})
+    try:
+        with torch.no_grad():
+            walker.catch()
+            for i in tqdm(range(len(walker)), desc="calibrate blocks", disable=not config.progress):
+                with walker.on_device(i):
+                    cap = walker.statistics(i, kinds, dtype=_DTYPES[config.stats_dtype], write=i < len(walker) - 1)
+                moved = {key: stats_to(s, "cpu") for key, s in cap.stats.items()}
+                out.update({name: moved[cap.group_of[name]] for name in walker.layers[i]})
+    finally:
+        walker.close()
     return out
 
 

@@ -182,10 +182,32 @@ def _adds_bos(tokenizer) -> int | None:
     return bos if ids and ids[0] == bos else None
 
 
-def _stack(rows: list[list[int]], pad_id: int, batch_size: int) -> list[dict[str, Tensor]]:
+_ATTN_FREE_LEN = 256  # sequence length up to which a batch is budgeted by its tokens alone
+
+
+def _batch_cost(rows: int, width: int) -> float:
+    """Padded tokens, weighted by width / 256 beyond 256 so that the attention scores (∝ rows · width²) of a
+    batch of long sequences stay within what a batch of 256-token sequences of the same budget needs."""
+    return rows * width * max(1.0, width / _ATTN_FREE_LEN)
+
+
+def _chunks(rows: list[list[int]], batch_size: int | None, batch_tokens: int) -> list[list[list[int]]]:
+    """Consecutive groups of rows: ``batch_size`` rows each, or (None) as many as keep ``_batch_cost`` within
+    ``batch_tokens`` (at least one row), which bounds a batch's activation memory whatever the lengths."""
+    if batch_size is not None:
+        return [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    chunks: list[list[list[int]]] = []
+    for r in rows:
+        if chunks and _batch_cost(len(chunks[-1]) + 1, max(len(r), *map(len, chunks[-1]))) <= batch_tokens:
+            chunks[-1].append(r)
+        else:
+            chunks.append([r])
+    return chunks
+
+
+def _stack(chunks: list[list[list[int]]], pad_id: int) -> list[dict[str, Tensor]]:
     batches = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
+    for chunk in chunks:
         width = max(len(r) for r in chunk)
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -250,6 +272,7 @@ def calibration_batches(
     seed: int = 0,
     mode: str = "windows",
     batch_size: int | None = None,
+    batch_tokens: int = 4096,
     max_positions: int | None = None,
 ) -> CalibrationSet:
     """Tokenized calibration batches from a source (deterministic for a fixed seed).
@@ -263,7 +286,9 @@ def calibration_batches(
         mode: "windows" (decoder LMs: random windows of exactly seqlen tokens of the joined corpus, with BOS
             first when the tokenizer adds one; c4 follows GPTQ's per-document recipe) or "sentences"
             (encoders: one paragraph per sample with the tokenizer's special tokens, padded per batch).
-        batch_size: samples per batch (default: 8192 tokens per batch for windows, 32 for sentences).
+        batch_size: samples per batch; default None: as many as fit in ``batch_tokens`` padded tokens (at least
+            one; sequences longer than 256 tokens count width/256 times, for their attention scores), so that
+            the memory of a batch's forward does not depend on how long the longest sample is.
     """
     for arg, v in (("nsamples", nsamples), ("seqlen", seqlen)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -285,11 +310,12 @@ def calibration_batches(
         rows = _c4_windows(texts, tokenizer, nsamples, seqlen, rng)
     else:
         rows = _windows(texts, tokenizer, nsamples, seqlen, rng, where)
-    if batch_size is None:
-        batch_size = max(1, 8192 // seqlen) if mode == "windows" else 32
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = _stack(rows, pad, batch_size)
-    desc = {**desc, "mode": mode, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "batch_size": batch_size,
+    batches = _stack(_chunks(rows, batch_size, batch_tokens), pad)
+    desc = {**desc, "mode": mode, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
+            "batch_size": batch_size if batch_size is not None else f"<= {batch_tokens} tokens",
             "tokenizer": getattr(tokenizer, "name_or_path", type(tokenizer).__name__)}
     out = CalibrationSet(batches, desc)
     out.description["tokens"] = out.num_tokens

@@ -56,6 +56,8 @@ def add_parser(sub) -> None:
     p.add_argument("--propagate", choices=("compressed", "original"), default="compressed",
                    help="next block's inputs: outputs of the compressed block (default) or of the original one")
     p.add_argument("--device", default=None, help="where each block is computed, e.g. cuda (default: cpu)")
+    p.add_argument("--offload-hidden", action="store_true",
+                   help="keep the calibration hidden states on disk (beside OUT) instead of in memory")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16", "float64"),
                    help="load the model in this dtype (default: as stored)")
     p.add_argument("--stats-dtype", default="float32", choices=("float32", "float64"),
@@ -83,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
 
     config = CompressConfig(
         ratio=args.ratio, method=args.method, mu=args.mu, adaptive_mu=args.adaptive_mu, targets=args.targets,
-        rank=args.rank, propagate=args.propagate, device=args.device, stats_dtype=args.stats_dtype,
+        rank=args.rank, propagate=args.propagate, device=args.device, offload_hidden=args.offload_hidden,
+        stats_dtype=args.stats_dtype,
         error_stats=not args.no_error_stats, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
         batch_size=args.batch_size, out_dir=args.out or default_out(args.model), resume=args.resume,
         overwrite=args.overwrite, progress=not args.quiet,
