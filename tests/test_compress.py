@@ -188,6 +188,8 @@ def test_bad_inputs_write_nothing(tmp_path):
         compress(build("bert"), str(empty), CompressConfig(out_dir=str(out), **QUIET), tokenizer=tok)
     with pytest.raises(ValueError, match="mu"):
         compress(build("llama"), data, CompressConfig(method="svd", mu=1.0, out_dir=str(out), **QUIET))
+    with pytest.raises(ValueError, match="not a torch device"):
+        compress(build("llama"), data, CompressConfig(device="gpu0", out_dir=str(out), **QUIET))
     nan_model = build("llama")
     with torch.no_grad():
         nan_model.model.layers[0].input_layernorm.weight[3] = float("nan")

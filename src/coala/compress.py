@@ -119,6 +119,13 @@ class CompressConfig:
             raise ValueError(f"calib_mode must be 'auto', 'windows' or 'sentences', got {self.calib_mode!r}")
         if isinstance(self.targets, str):
             raise TypeError(f"targets must be a list of names, not the string {self.targets!r}")
+        if self.device is not None:
+            try:
+                dev = torch.device(self.device)
+            except (RuntimeError, TypeError) as err:
+                raise ValueError(f"device {self.device!r} is not a torch device: {err}") from err
+            if dev.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"device {self.device!r} asked for, but CUDA is not available")
         if self.resume and not self.out_dir:
             raise ValueError("resume needs out_dir (the checkpoint lives beside it)")
         return self
