@@ -23,18 +23,19 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 def default_block_rows(in_features: int, device: torch.device | str | None = None) -> int:
     """Rows buffered per QR update.
 
-    CPU (default): 2048, more for narrow layers (at least 2²⁰ buffered values). The CPU update exploits the
-    triangle on top of [R; X_b], so its cost ≈ 2·b·n² flops whatever b: a block only has to be tall enough to
-    amortise the per-update overhead (a few hundred small torch calls). Measured at n = 256..4096
-    (benchmarks/runtime.py): 2048 rows is at or near the fastest; 4n–16n is slower, and its buffer would dwarf
-    R (16n rows = 1 GB per layer at n = 4096). The buffer holds max(2²⁰, 2048·n) values (4 MB, or 8 KB per
-    input feature, in float32): no more than R itself for n ≥ 2048.
+    CPU (default): 4096 rows for n ≤ 1024, else 2048. The CPU update exploits the triangle on top of
+    [R; X_b], so its cost ≈ 2·b·n² flops whatever b: a block only has to be tall enough to amortise the
+    per-update overhead (≈ 2000 small torch calls and as many thread synchronisations, independent of b).
+    Measured (benchmarks/runtime.py, n = 256..4096): 1024–4096 rows within noise on one thread; with two busy
+    threads 4096 beats 2048 at n = 1024 (3.4× vs 4.7× the Gram update); 8192 and more get slower (the panel
+    leaves L2), and 4n–16n rows would make the buffer dwarf R (1 GB per layer at n = 4096, b = 16n).
+    The float32 buffer is 16 MB at n = 1024, and 8 KB per input feature (half of R at n = 4096) above.
     Other devices (one geqrf of the stacked (n + b) × n matrix, ≈ 2(b + n)n² flops): max(4n, 2048), so that
     the triangle costs at most ≈ 17 % extra.
     """
     if device is not None and torch.device(device).type != "cpu":
         return max(4 * in_features, 2048)
-    return max(2048, (1 << 20) // max(in_features, 1))
+    return 4096 if in_features <= 1024 else 2048
 
 
 class RFactor:
