@@ -243,7 +243,8 @@ def compress(model: nn.Module, calibration="builtin", config: CompressConfig | N
 
     Returns a ``CompressionReport``. Errors (ValueError / TypeError / FileNotFoundError / FileExistsError) are
     raised before anything is written when the inputs are bad; NaN activations raise a ValueError naming the
-    layer. With ``out_dir``, the model is written atomically, so a failure leaves no half-written folder.
+    layer. With ``out_dir``, the model is written atomically, so a failure leaves no half-written folder; the
+    in-memory ``model`` may then hold the blocks finished so far (their checkpoint lets ``resume`` go on).
     """
     config = (config or CompressConfig()).validate()
     t_start = time.perf_counter()

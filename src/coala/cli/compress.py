@@ -97,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
           + (f"rank {config.rank}" if config.rank is not None else f"{100 * config.ratio:g}% of targeted parameters"
              " removed") + f", calibration: {args.calib}", file=sys.stderr)
     report = compress(model, args.calib, config, tokenizer=tokenizer)
+    if report.resumed_blocks:
+        print(f"resumed: {report.resumed_blocks} finished blocks were read from the checkpoint", file=sys.stderr)
     print(report.table())
     if args.json_path:
         Path(args.json_path).write_text(report.to_json() + "\n")
