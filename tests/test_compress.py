@@ -10,7 +10,14 @@ import torch
 
 import coala
 from _compress_models import ARCHS, batches, build, output
-from coala.compress import CompressConfig, SimulatedInterruption, apply_low_rank, collect_statistics, compress
+from coala.compress import (
+    CompressConfig,
+    SimulatedInterruption,
+    apply_low_rank,
+    collect_statistics,
+    compress,
+    decompose_layers,
+)
 from coala.io import OutputExistsError
 from coala.lowrank import LowRankLinear, low_rank_layers
 
@@ -116,10 +123,14 @@ def test_collect_statistics_then_apply_matches_compress_with_original_propagatio
     assert all(s.kinds == {"r", "absmean", "gram"} for s in stats.values())
     report = apply_low_rank(copy.deepcopy(model), stats, "asvd", 0.4, progress=False)
     assert report.method == "asvd" and all(r.rel_error is not None for r in report.layers)
+    decs = decompose_layers(model, stats, "coala", progress=False)  # one SVD per layer serves every ratio
+    reused = copy.deepcopy(model)
+    apply_low_rank(reused, stats, "coala", 0.4, progress=False, decompositions=decs)
     apply_low_rank(model, stats, "coala", 0.4, progress=False)
     for name, layer in low_rank_layers(ref).items():
         other = model.get_submodule(name)
         torch.testing.assert_close(other.to_dense_weight(), layer.to_dense_weight(), rtol=1e-5, atol=1e-6)
+        assert torch.equal(reused.get_submodule(name).to_dense_weight(), other.to_dense_weight())
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "bert"])

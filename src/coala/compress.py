@@ -18,34 +18,32 @@ V2's per-group allocation. ``CompressConfig.rank`` forces one rank everywhere ("
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._resume import (
+    INTERRUPT_ENV,
+    SimulatedInterruption,
+    fingerprint,
+    maybe_interrupt,
+    offload_dir,
+    prepare_output,
+)
 from .calibrate import BlockWalker, _model_device, normalize_batches, stats_to
-from .checkpoint import BlockCheckpoint
 from .compress_report import CompressionReport, LayerReport, peak_memory
-from .io import OutputExistsError
 from .layer_solve import layer_kind, plan_ranks, restore_block, solve_layers, v2_plan
-from .linalg.methods import get_method
+from .linalg.decomposition import Decomposition
+from .linalg.methods import decompose, get_method
 from .linalg.stats import ActivationStats
+from .lowrank import dense_weight
 
-INTERRUPT_ENV = "COALA_INTERRUPT_AFTER_BLOCK"
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-class SimulatedInterruption(RuntimeError):
-    """Raised after block k's checkpoint when the environment variable COALA_INTERRUPT_AFTER_BLOCK=k is set.
-
-    A testing hook: it simulates a crash so that ``resume=True`` can be checked against an uninterrupted run.
-    """
 
 
 @dataclass
@@ -162,72 +160,6 @@ def _calibration_set(model: nn.Module, calibration, config: CompressConfig, toke
     return batches, {"source": "batches", "batches": len(batches), "tokens": tokens}
 
 
-def _digest(h, t: torch.Tensor) -> None:
-    flat = t.detach().reshape(-1)
-    step = max(1, flat.numel() // 65536)  # a strided sample: enough to tell models apart, cheap for 70B
-    h.update(str((tuple(t.shape), str(t.dtype))).encode())
-    h.update(flat[::step].contiguous().cpu().view(torch.uint8).numpy().tobytes())
-
-
-def _fingerprint(model: nn.Module, batches: list, description: dict, config: CompressConfig, device) -> dict:
-    weights, data = hashlib.sha256(), hashlib.sha256()
-    for name, t in model.state_dict().items():
-        weights.update(name.encode())
-        _digest(weights, t)
-    for b in batches:
-        for k in sorted(b):
-            data.update(k.encode())
-            data.update(b[k].contiguous().cpu().numpy().tobytes())
-    cfg = getattr(model, "config", None)
-    settings = {k: v for k, v in asdict(config).items()
-                if k not in ("out_dir", "work_dir", "resume", "overwrite", "progress", "max_shard_size",
-                             "offload_hidden")}
-    from . import __version__
-
-    return {
-        "coala": __version__,
-        "settings": settings,
-        "device_type": torch.device(device).type,
-        "model_class": type(model).__name__,
-        "model_config": hashlib.sha256(cfg.to_json_string().encode()).hexdigest() if cfg is not None else None,
-        "weights": weights.hexdigest(),
-        "calibration": data.hexdigest(),
-        "calibration_description": description,
-    }
-
-
-def _prepare_output(config: CompressConfig) -> BlockCheckpoint | None:
-    """Refuse to clobber (before any work); return the block checkpoint when writing to out_dir."""
-    if not config.out_dir:
-        return None
-    out = Path(config.out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not config.overwrite:
-        raise OutputExistsError(f"output folder {out} exists and is not empty (pass overwrite to replace it)")
-    ckpt = BlockCheckpoint(config.work_dir or f"{out}.partial")
-    if ckpt.work_dir.exists() and not config.resume:
-        if not config.overwrite:
-            raise OutputExistsError(f"{ckpt.work_dir} holds an unfinished run: pass resume to continue it, or "
-                                  "overwrite to discard it")
-        ckpt.clear()
-    return ckpt
-
-
-def _offload_dir(config: CompressConfig, ckpt: BlockCheckpoint | None) -> str | None:
-    if not config.offload_hidden:
-        return None
-    if ckpt is not None:
-        return str(ckpt.work_dir / "hidden")
-    import tempfile
-
-    return tempfile.mkdtemp(prefix="coala-hidden-")
-
-
-def _maybe_interrupt(i: int) -> None:
-    value = os.environ.get(INTERRUPT_ENV)
-    if value is not None and value.strip() == str(i):
-        raise SimulatedInterruption(f"simulated interruption after block {i} ({INTERRUPT_ENV}={value})")
-
-
 def compress(model: nn.Module, calibration="builtin", config: CompressConfig | None = None, *,
              tokenizer=None) -> CompressionReport:
     """Compress ``model`` in place, block by block; optionally write it to ``config.out_dir``.
@@ -248,11 +180,11 @@ def compress(model: nn.Module, calibration="builtin", config: CompressConfig | N
     """
     config = (config or CompressConfig()).validate()
     t_start = time.perf_counter()
-    ckpt = _prepare_output(config)
+    ckpt = prepare_output(config)
     batches, description = _calibration_set(model, calibration, config, tokenizer)
     model.eval()
     walker = BlockWalker(model, batches, targets=config.targets, device=config.device, progress=config.progress,
-                         offload_dir=_offload_dir(config, ckpt))
+                         offload_dir=offload_dir(config, ckpt))
     shapes = {name: _shape(m) for layers in walker.layers for name, m in layers.items()}
     kinds = config.kinds()
     dtype = _DTYPES[config.stats_dtype]
@@ -263,7 +195,7 @@ def compress(model: nn.Module, calibration="builtin", config: CompressConfig | N
     rows: list[LayerReport] = []
     try:
         if ckpt is not None:
-            fp = _fingerprint(model, batches, description, config, walker.device)
+            fp = fingerprint(model, batches, description, config, walker.device)
             done, started = ckpt.start(fp), True
             if done:
                 plan = ckpt.load_block(0)[1]["plan"]
@@ -299,7 +231,7 @@ def compress(model: nn.Module, calibration="builtin", config: CompressConfig | N
                 walker.layers[i] = {name: model.get_submodule(name) for name in walker.layers[i]}
                 if ckpt is not None:
                     ckpt.save_block(i, state, {"layers": [asdict(r) for r in new_rows], "plan": plan})
-                _maybe_interrupt(i)
+                maybe_interrupt(i)
         walker.close()
         report = CompressionReport(
             method=config.method, ratio=None if config.rank is not None else float(config.ratio),
@@ -348,7 +280,7 @@ def collect_statistics(model: nn.Module, calibration="builtin", config: Compress
     batches, _ = _calibration_set(model, calibration, config, tokenizer)
     model.eval()
     walker = BlockWalker(model, batches, targets=config.targets, device=config.device, progress=config.progress,
-                         offload_dir=_offload_dir(config, None))
+                         offload_dir=offload_dir(config, None))
     kinds = config.kinds(methods)
     out: dict[str, ActivationStats] = {}
     try:
@@ -364,15 +296,33 @@ def collect_statistics(model: nn.Module, calibration="builtin", config: Compress
     return out
 
 
+def decompose_layers(model: nn.Module, stats: dict[str, ActivationStats], method: str = "coala", mu: float = 0.0,
+                     adaptive_mu: bool = False, *, device: str | None = None,
+                     progress: bool = True) -> dict[str, Decomposition]:
+    """One ``Decomposition`` per layer named in ``stats``: factors of every rank from one SVD each, to be
+    passed to ``apply_low_rank(..., decompositions=)`` for several ratios. Held in memory: ≈ 3 × the weights."""
+    CompressConfig(method=method, mu=mu, adaptive_mu=adaptive_mu, device=device).validate()
+    out: dict[str, Decomposition] = {}
+    with torch.no_grad():
+        for name in tqdm(stats, desc=f"decompose ({method})", disable=not progress, leave=False):
+            W = dense_weight(model.get_submodule(name)).detach()
+            s = stats[name]
+            if device is not None and W.device != torch.device(device):
+                W, s = W.to(device), stats_to(s, device)
+            out[name] = decompose(W, s, method=method, mu=mu, adaptive_mu=adaptive_mu, name=name)
+    return out
+
+
 def apply_low_rank(model: nn.Module, stats: dict[str, ActivationStats], method: str = "coala",
                    ratio: float | None = 0.2, mu: float = 0.0, adaptive_mu: bool = False, *,
-                   rank: int | str | None = None, device: str | None = None,
-                   progress: bool = True) -> CompressionReport:
+                   rank: int | str | None = None, device: str | None = None, progress: bool = True,
+                   decompositions: dict[str, Decomposition] | None = None) -> CompressionReport:
     """Replace every layer named in ``stats`` (from ``collect_statistics``) by its low-rank version, in place.
 
     Ranks: uniform ``ratio`` (svd-llm-v2: its per-group allocation, losses measured on these statistics),
     or ``rank`` for all. Each weight is solved on ``device`` (default: where the layer is). Deep-copy the
-    model first to try several methods / ratios on the same statistics.
+    model first to try several methods / ratios on the same statistics; pass ``decompositions`` (from
+    ``decompose_layers`` with the same method and μ, on the uncompressed weights) to reuse one SVD per layer.
     """
     config = CompressConfig(ratio=ratio, method=method, mu=mu, adaptive_mu=adaptive_mu, rank=rank,
                             device=device, progress=progress).validate()
@@ -382,12 +332,12 @@ def apply_low_rank(model: nn.Module, stats: dict[str, ActivationStats], method: 
     if method == "svd-llm-v2" and rank is None:
         from .layer_solve import v2_plan_from_stats
 
-        plan = v2_plan_from_stats(layers, stats, config)
+        plan = v2_plan_from_stats(layers, stats, config, decompositions)
     else:
         plan = plan_ranks(shapes, config)
     params_before = sum(p.numel() for p in model.parameters())
     with torch.no_grad():
-        rows, _ = solve_layers(model, layers, stats, plan, config)
+        rows, _ = solve_layers(model, layers, stats, plan, config, decompositions)
     return CompressionReport(
         method=method, ratio=None if rank is not None else float(ratio), mu=float(mu), adaptive_mu=adaptive_mu,
         propagate="original", layers=rows, model_params_before=params_before,
@@ -396,5 +346,5 @@ def apply_low_rank(model: nn.Module, stats: dict[str, ActivationStats], method: 
     )
 
 
-__all__ = ["CompressConfig", "SimulatedInterruption", "apply_low_rank", "collect_statistics", "compress",
-           "layer_kind"]
+__all__ = ["INTERRUPT_ENV", "CompressConfig", "SimulatedInterruption", "apply_low_rank", "collect_statistics",
+           "compress", "decompose_layers", "layer_kind"]

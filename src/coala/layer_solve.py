@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from .allocate import ranks_for_ratios, svd_llm_v2_ratios, uniform_ranks
 from .capture import InputCapture
 from .compress_report import LayerReport
+from .linalg.decomposition import Decomposition
 from .linalg.methods import decompose
 from .linalg.stats import ActivationStats
 from .lowrank import LowRankLinear, dense_bias, dense_weight, linear_shape, replace_module
@@ -58,9 +59,10 @@ def _stats_for(source, name: str) -> ActivationStats | None:
     return source[name]
 
 
-def _v2_loss(W: Tensor, stats: ActivationStats, rank: int, name: str) -> float:
+def _v2_loss(W: Tensor, stats: ActivationStats, rank: int, name: str, dec: Decomposition | None = None) -> float:
     """SVD-LLM V2's theoretical truncation loss at ``rank``: Σ_{i ≥ rank} σ_i² of the whitened W."""
-    dec = decompose(W, stats, method="svd-llm-v2", name=name)
+    if dec is None:
+        dec = decompose(W, stats, method="svd-llm-v2", name=name)
     return float(dec.S[rank:].to(torch.float64).square().sum())
 
 
@@ -92,11 +94,13 @@ def v2_plan(walker, shapes: dict[str, tuple[int, int]], config, dtype: torch.dty
     return _v2_from_losses(losses, uniform, shapes, walker.prefix, float(config.ratio)), solve_s
 
 
-def v2_plan_from_stats(layers: dict[str, nn.Module], stats: Mapping[str, ActivationStats], config) -> dict:
+def v2_plan_from_stats(layers: dict[str, nn.Module], stats: Mapping[str, ActivationStats], config,
+                       decompositions: Mapping[str, Decomposition] | None = None) -> dict:
     """The svd-llm-v2 plan from statistics already collected (``collect_statistics``)."""
     shapes = {name: linear_shape(m) for name, m in layers.items()}
     uniform = uniform_ranks(shapes, float(config.ratio))
-    losses = {name: _v2_loss(dense_weight(m).detach(), stats[name], uniform[name], name)
+    decs = decompositions or {}
+    losses = {name: _v2_loss(dense_weight(m).detach(), stats[name], uniform[name], name, decs.get(name))
               for name, m in layers.items() if uniform[name] is not None}
     return _v2_from_losses(losses, uniform, shapes, None, float(config.ratio))
 
@@ -119,11 +123,13 @@ def solve_layers(
     source: InputCapture | Mapping[str, ActivationStats] | None,
     plan: dict[str, int | None],
     config,
+    decompositions: Mapping[str, Decomposition] | None = None,
 ) -> tuple[list[LayerReport], dict[str, Tensor]]:
     """Solve and swap every layer of ``layers`` (full name → module) in place.
 
-    Returns the report rows and the new layers' tensors (``name.down.weight``, ``name.up.weight``,
-    ``name.up.bias``), which are what a block checkpoint stores.
+    ``decompositions``: ready ``Decomposition`` objects by layer name (from ``decompose_layers``) that are
+    used instead of solving again. Returns the report rows and the new layers' tensors (``name.down.weight``,
+    ``name.up.weight``, ``name.up.bias``), which are what a block checkpoint stores.
     """
     rows: list[LayerReport] = []
     state: dict[str, Tensor] = {}
@@ -141,7 +147,10 @@ def solve_layers(
 
             W = W.to(device)
             stats = stats_to(stats, device) if stats is not None else None
-        dec = decompose(W, stats, method=config.method, mu=config.mu, adaptive_mu=config.adaptive_mu, name=name)
+        dec = (decompositions or {}).get(name)
+        if dec is None:
+            dec = decompose(W, stats, method=config.method, mu=config.mu, adaptive_mu=config.adaptive_mu,
+                            name=name)
         A, B = dec.factors(rank)
         loss, rel = weighted_error(W, A, B, stats)
         mu = dec.effective_mu(rank) if hasattr(dec, "effective_mu") else None

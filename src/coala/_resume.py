@@ -1,0 +1,94 @@
+"""Plumbing of resumable runs: the run's fingerprint, the output / checkpoint folders, the interruption hook."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import BlockCheckpoint
+from .io import OutputExistsError
+
+INTERRUPT_ENV = "COALA_INTERRUPT_AFTER_BLOCK"
+
+
+class SimulatedInterruption(RuntimeError):
+    """Raised after block k's checkpoint when the environment variable COALA_INTERRUPT_AFTER_BLOCK=k is set.
+
+    A testing hook: it simulates a crash so that ``resume=True`` can be checked against an uninterrupted run.
+    """
+
+
+def _digest(h, t: torch.Tensor) -> None:
+    flat = t.detach().reshape(-1)
+    step = max(1, flat.numel() // 65536)  # a strided sample: enough to tell models apart, cheap for 70B
+    h.update(str((tuple(t.shape), str(t.dtype))).encode())
+    h.update(flat[::step].contiguous().cpu().view(torch.uint8).numpy().tobytes())
+
+
+def fingerprint(model: nn.Module, batches: list, description: dict, config, device) -> dict:
+    """JSON-safe identity of a run: settings that change the result, the model (config, names, shapes, dtypes
+    and a strided sample of every tensor), the calibration batches (all their bytes), the device type."""
+    weights, data = hashlib.sha256(), hashlib.sha256()
+    for name, t in model.state_dict().items():
+        weights.update(name.encode())
+        _digest(weights, t)
+    for b in batches:
+        for k in sorted(b):
+            data.update(k.encode())
+            data.update(b[k].contiguous().cpu().numpy().tobytes())
+    cfg = getattr(model, "config", None)
+    settings = {k: v for k, v in asdict(config).items()
+                if k not in ("out_dir", "work_dir", "resume", "overwrite", "progress", "max_shard_size",
+                             "offload_hidden")}
+    from . import __version__
+
+    return {
+        "coala": __version__,
+        "settings": settings,
+        "device_type": torch.device(device).type,
+        "model_class": type(model).__name__,
+        "model_config": hashlib.sha256(cfg.to_json_string().encode()).hexdigest() if cfg is not None else None,
+        "weights": weights.hexdigest(),
+        "calibration": data.hexdigest(),
+        "calibration_description": description,
+    }
+
+
+def prepare_output(config) -> BlockCheckpoint | None:
+    """Refuse to clobber (before any work); return the block checkpoint when writing to out_dir."""
+    if not config.out_dir:
+        return None
+    out = Path(config.out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not config.overwrite:
+        raise OutputExistsError(f"output folder {out} exists and is not empty (pass overwrite to replace it)")
+    ckpt = BlockCheckpoint(config.work_dir or f"{out}.partial")
+    if ckpt.work_dir.exists() and not config.resume:
+        if not config.overwrite:
+            raise OutputExistsError(f"{ckpt.work_dir} holds an unfinished run: pass resume to continue it, or "
+                                    "overwrite to discard it")
+        ckpt.clear()
+    return ckpt
+
+
+def offload_dir(config, ckpt: BlockCheckpoint | None) -> str | None:
+    """Where offloaded hidden states go: ``work_dir/hidden`` when checkpointing, else a new temporary folder."""
+    if not config.offload_hidden:
+        return None
+    if ckpt is not None:
+        return str(ckpt.work_dir / "hidden")
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="coala-hidden-")
+
+
+def maybe_interrupt(i: int) -> None:
+    value = os.environ.get(INTERRUPT_ENV)
+    if value is not None and value.strip() == str(i):
+        raise SimulatedInterruption(f"simulated interruption after block {i} ({INTERRUPT_ENV}={value})")
+
+
