@@ -6,8 +6,10 @@ lazily loaded library code is not counted), records its peak resident set size
 loader blocks of 2048 rows generated on the fly (``torch.randn``; all rows are never materialised), reads R, and
 records its peak RSS again. The figure is the increase of the peak: everything the stream needed (block, buffer,
 R, QR workspace, BLAS buffers, allocator slack). RSS, unlike tracemalloc, sees torch's allocations. The
-subprocesses run with MALLOC_ARENA_MAX=1 (one glibc heap): with per-thread arenas the retained memory of BLAS
-worker threads varies from run to run by about one block, whatever the row count (``--malloc-arenas`` to see it).
+subprocesses run with a fixed glibc mmap threshold (MALLOC_MMAP_THRESHOLD_=131072): blocks above 128 KB are
+mapped and unmapped, so RSS follows live memory. With glibc's dynamic threshold, freed multi-MB blocks (loader
+blocks, the isfinite mask of each block) are kept in the heap and the peak moves by one or two blocks between
+runs, whatever the row count (``--malloc-default`` to see it).
 Sizes: 10⁴, 10⁵, 10⁶ rows at n = 1024 (≈ 4 GB of float32 data streamed at 10⁶; ≈ 1 min on 2 cores).
 ``--quick``: 10⁴ and 10⁵ rows at n = 256. Target: the largest increase within 10 % of the smallest.
 """
@@ -23,6 +25,7 @@ import time
 
 LOADER_ROWS = 2048
 TOLERANCE = 0.10
+MMAP_THRESHOLD = 128 * 1024  # glibc's initial value, made fixed: blocks above it are mmapped and returned on free
 
 
 def child(rows: int, n: int, seed: int) -> dict:
@@ -58,12 +61,12 @@ def child(rows: int, n: int, seed: int) -> dict:
             "block_rows": default_block_rows(n), "threads": torch.get_num_threads()}
 
 
-def run_child(rows: int, n: int, seed: int, threads: int | None, one_arena: bool = True) -> dict:
+def run_child(rows: int, n: int, seed: int, threads: int | None, fixed_mmap: bool = True) -> dict:
     code = ("import json, sys, torch\n"
             + (f"torch.set_num_threads({threads})\n" if threads else "")
             + "from coala.bench.memory import child\n"
             + f"print(json.dumps(child({rows}, {n}, {seed})))\n")
-    env = dict(os.environ, MALLOC_ARENA_MAX="1") if one_arena else None
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD)) if fixed_mmap else None
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"memory child for {rows} rows failed:\n{proc.stderr[-2000:]}")
@@ -77,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=None, help="in_features (default 1024; quick 256)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in the subprocesses (default: torch's)")
     ap.add_argument("--check", action="store_true", help="exit with status 1 if the peak is not flat within 10 %%")
-    ap.add_argument("--malloc-arenas", action="store_true",
-                    help="keep glibc's per-thread malloc arenas (default: MALLOC_ARENA_MAX=1 in the subprocesses)")
+    ap.add_argument("--malloc-default", action="store_true",
+                    help="leave glibc malloc's dynamic mmap threshold on (default: MALLOC_MMAP_THRESHOLD_=131072)")
     args = ap.parse_args(argv)
     n = args.n or (256 if args.quick else 1024)
     if n < 1:
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     d = out_dir(args.out, "memory")
     print(machine())
     t0 = time.perf_counter()
-    results = [run_child(rows, n, seed=i, threads=args.threads, one_arena=not args.malloc_arenas)
+    results = [run_child(rows, n, seed=i, threads=args.threads, fixed_mmap=not args.malloc_default)
                for i, rows in enumerate(tqdm(sizes, desc="memory", leave=False))]
     wall = time.perf_counter() - t0
     for r in results:
@@ -108,15 +111,17 @@ def main(argv: list[str] | None = None) -> int:
          "seconds"],
         [[r["rows"], r["n"], r["data_mb"], r["before_mb"], r["peak_mb"], r["increase_mb"], r["seconds"]]
          for r in results])
-    arenas = ("glibc malloc with its default per-thread arenas." if args.malloc_arenas else
-              "MALLOC_ARENA_MAX=1: with glibc's per-thread arenas, memory retained by BLAS worker threads makes the "
-              "peak jump by about one block (≈ 8 MB at n = 1024) between runs of any size, up or down.")
+    malloc_note = ("glibc malloc with its default, dynamic mmap threshold." if args.malloc_default else
+              f"MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}: blocks above 128 KB are mmapped and returned to the system "
+              "when freed, so RSS follows live memory; with glibc's dynamic threshold, freed multi-MB blocks stay "
+              "in the heap and the peak differs by one or two blocks (±8–16 MB at n = 1024) between runs of any "
+              "size, up or down (--malloc-default).")
     verdict = (f"Peak increase spread (max / min − 1): {100 * spread:.1f} % — "
                f"{'flat' if flat else 'NOT flat'} within {100 * TOLERANCE:.0f} %.")
     notes = (f"{verdict}\n\nFloat32 RFactor, block_rows = {results[0]['block_rows']}, loader blocks of {LOADER_ROWS} "
              f"rows generated on the fly; each size in a fresh subprocess ({results[0]['threads']} torch threads). "
              f"Expected resident data: R + buffer + one loader block = {model_mb:.0f} MB; the rest is QR workspace, "
-             f"BLAS buffers and allocator slack. {arenas} Wall time of the whole benchmark: {wall:.0f} s.")
+             f"BLAS buffers and allocator slack. {malloc_note} Wall time of the whole benchmark: {wall:.0f} s.")
     write_markdown(d / "memory.md", f"Memory: streaming R factor, n = {n}", table, notes)
 
     fig, ax = new_figure(figsize=(6, 4))

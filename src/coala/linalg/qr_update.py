@@ -71,12 +71,15 @@ def _fast(t: Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
 
 
-def update_r_(R: Tensor, work: Tensor) -> None:
+def update_r_(R: Tensor, work: Tensor, workspace: dict[str, Tensor] | None = None) -> None:
     """In place: R ← R factor of [R; work] (upper triangular, signs not normalised); ``work`` is destroyed.
 
     R: (n × n), contiguous, upper triangular (the strict lower triangle is read as zero and left zero);
     work: (b × n) rows with unit column stride (e.g. a contiguous buffer or a row range of one), same
-    dtype/device as R. On non-CPU devices this falls back to a stacked ``geqrf`` (``work`` left intact).
+    dtype/device as R. workspace: a dict the caller keeps between calls for the same R (the kernel stores
+    ≈ (2b + 2n + 128)·128 values of scratch in it), so that repeated updates allocate no large temporaries:
+    freeing and re-allocating megabyte blocks makes glibc's heap (and the RSS) drift by tens of MB.
+    On non-CPU devices this falls back to a stacked ``geqrf`` (``work`` left intact).
     """
     n = R.shape[1]
     b = work.shape[0]
@@ -90,9 +93,11 @@ def update_r_(R: Tensor, work: Tensor) -> None:
     if work.stride(1) != 1 or not R.is_contiguous():
         raise ValueError("update_r_ needs a contiguous R and rows with unit column stride")
     panel = min(PANEL, n)
-    scratch = R.new_empty(panel, panel + b)  # column-major (panel + b) × panel: [R panel; rows panel]
-    gather = R.new_empty(b, panel)
-    T_buf = R.new_zeros(panel, panel)  # T of the current panel; its strict lower triangle is never written
+    ws = {} if workspace is None else workspace
+    scratch = _scratch(ws, "panel", panel * (panel + b), R).view(panel, panel + b)  # column-major [R_p; B_p]
+    gather = _scratch(ws, "gather", b * panel, R).view(b, panel)
+    T_buf = _scratch(ws, "T", panel * panel, R, zero=True).view(panel, panel)  # strict lower part stays 0
+    W1, W2 = _scratch(ws, "W1", panel * n, R), _scratch(ws, "W2", panel * n, R)
     for j in range(0, n, panel):
         e = min(j + panel, n)
         k = e - j
@@ -107,9 +112,20 @@ def update_r_(R: Tensor, work: Tensor) -> None:
         R[e:, j:e] = 0  # the strict lower triangle is left zero, whatever it held
         if e < n:
             V = P[k:]  # (b × k): the dense part of the reflectors; their triangle part is I
-            W = T.T @ torch.addmm(R[j:e, e:], V.T, work[:, e:])
+            c = n - e
+            Y = torch.addmm(R[j:e, e:], V.T, work[:, e:], out=W1[: k * c].view(k, c))
+            W = torch.mm(T.T, Y, out=W2[: k * c].view(k, c))
             R[j:e, e:] -= W
             work[:, e:].addmm_(V, W, alpha=-1)
+
+
+def _scratch(ws: dict[str, Tensor], key: str, numel: int, like: Tensor, zero: bool = False) -> Tensor:
+    """A flat buffer of at least ``numel`` values of ``like``'s dtype/device, kept in ``ws`` for the next call."""
+    buf = ws.get(key)
+    if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+        buf = like.new_zeros(numel) if zero else like.new_empty(numel)
+        ws[key] = buf
+    return buf[:numel]
 
 
 def _factor_panel(P: Tensor, k: int, c0: int, c1: int, T: Tensor | None) -> None:

@@ -74,6 +74,7 @@ class RFactor:
         self._buf: Tensor | None = None  # (block_rows × n), allocated on first use; the QR works in it in place
         self._fill = 0
         self._R_shared = False  # True once R was handed out: the next in-place update works on a copy
+        self._workspace: dict[str, Tensor] = {}  # the QR kernel's scratch, kept between updates
 
     # ------------------------------------------------------------------ streaming
     def update(self, x: Tensor, mask: Tensor | None = None) -> RFactor:
@@ -101,7 +102,7 @@ class RFactor:
             if self._R_shared or not self._R.is_contiguous():
                 self._R = self._R.contiguous().clone()
                 self._R_shared = False
-            update_r_(self._R, self._buf[: self._fill])  # R ← R([R; X_b]) in place; the buffer is scratch
+            update_r_(self._R, self._buf[: self._fill], self._workspace)  # R ← R([R; X_b]) in place
             self._fill = 0
 
     def merge(self, other: RFactor) -> RFactor:
