@@ -154,11 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         ys = [next(r["peak_mb"] for r in mem if r["setting"] == k and r["nsamples"] == n) for k in names]
         ax1.bar([i + j * width for i in range(len(names))], ys, width, label=f"{n} samples")
     ax1.set_xticks([i + width * (len(args.memory_samples) - 1) / 2 for i in range(len(names))])
-    ax1.set_xticklabels([k.replace(", ", "\n") for k in names], fontsize=7)
+    ax1.set_xticklabels([k.replace(", ", "\n").replace(f"MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}",
+                                                        "mmap threshold 128 KiB") for k in names], fontsize=7)
     ax1.axhline(mem[0]["loaded_mb"], color="gray", linestyle=":", label="after loading the model")
     ax1.set_ylabel("peak RSS (MiB)")
     ax1.set_title("peak memory of compress (MiniLM)")
-    ax1.legend(fontsize=7)
+    ax1.legend(fontsize=7, loc="lower right")
     names = [r["method"] for r in runs]
     calib = [r["calibration_s"] for r in runs]
     solve = [r["solve_s"] for r in runs]
