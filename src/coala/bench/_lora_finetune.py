@@ -149,6 +149,7 @@ def run_one(name: str, base, tok, data: Data, lora_config, *, steps: int, batch:
     if calib_kind is not None:
         texts = data.task_calib if calib_kind == "task" else data.knowledge_calib
         calib = text_batches(tok, texts, seq_len=seq_len, batch_size=16)
+    torch.manual_seed(seed)  # plain LoRA draws A at random
     t0 = time.perf_counter()
     pm = init_lora(model, calib, lora_config, method=method, mode=mode, progress=False)
     init_s = time.perf_counter() - t0
