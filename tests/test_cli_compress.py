@@ -64,6 +64,16 @@ def test_local_folder_and_txt(tiny_bert_dir, calib_txt, tmp_path, capsys):
     assert (out / "tokenizer.json").is_file() or (out / "vocab.txt").is_file()
 
 
+def test_sensitivity_allocation_from_the_command_line(tiny_bert_dir, calib_txt, tmp_path):
+    out, rep = tmp_path / "out", tmp_path / "report.json"
+    args = _args(tiny_bert_dir, calib_txt, out, "--ratio", "0.3", "--allocation", "sensitivity",
+                 "--sensitivity-samples", "4", "--json", str(rep))
+    assert main(args) == 0
+    report = json.loads(rep.read_text())
+    assert report["allocation"] == "sensitivity" and report["totals"]["targeted_removed_fraction"] >= 0.3
+    assert json.loads((out / "coala.json").read_text())["allocation"]["samples"] == 4
+
+
 def test_resume_from_the_command_line(tiny_bert_dir, calib_txt, tmp_path, monkeypatch):
     assert main(_args(tiny_bert_dir, calib_txt, tmp_path / "a")) == 0
     monkeypatch.setenv("COALA_INTERRUPT_AFTER_BLOCK", "0")

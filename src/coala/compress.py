@@ -37,13 +37,15 @@ from ._resume import (
 )
 from .calibrate import BlockWalker, _model_device, normalize_batches, stats_to
 from .compress_report import CompressionReport, LayerReport, peak_memory
-from .layer_solve import layer_kind, plan_ranks, restore_block, solve_layers, v2_plan
+from .layer_solve import layer_kind, plan_ranks, restore_block, sensitivity_plan, solve_layers, v2_plan
 from .linalg.decomposition import Decomposition
 from .linalg.methods import decompose, get_method
 from .linalg.stats import ActivationStats
 from .lowrank import dense_weight
+from .sensitivity import PROBE_RATIOS
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+ALLOCATIONS = ("auto", "uniform", "sensitivity")
 
 
 @dataclass
@@ -58,6 +60,11 @@ class CompressConfig:
         rank: force one rank for every targeted matrix (an int, or "full" = min(out, in)); ``ratio`` is
             then ignored and every targeted matrix is replaced, saving parameters or not.
         propagate: "compressed" (sequential) or "original" (see the module docstring).
+        allocation: how ranks follow from ``ratio``: "auto" (svd-llm-v2: its published per-group allocation;
+            every other method: "uniform"), "uniform" (the same ratio for every matrix, design.md §6), or
+            "sensitivity" (``coala.sensitivity``: each matrix truncated alone at ``probe_ratios`` while the
+            whole model runs ``sensitivity_samples`` calibration samples where it lives; ranks then minimise
+            the summed output change under the budget). Ignored when ``rank`` is set.
         device: where each block is computed ("cuda", "cpu"; default: where the model is).
         offload_hidden: keep the calibration samples' hidden states in files (in ``work_dir``, else a temporary
             folder) instead of host memory, which then no longer grows with ``nsamples``; same results.
@@ -79,6 +86,9 @@ class CompressConfig:
     targets: list[str] | None = None
     rank: int | str | None = None
     propagate: str = "compressed"
+    allocation: str = "auto"
+    sensitivity_samples: int = 64
+    probe_ratios: tuple[float, ...] = PROBE_RATIOS
     device: str | None = None
     offload_hidden: bool = False
     stats_dtype: str = "float32"
@@ -111,6 +121,13 @@ class CompressConfig:
             raise ValueError(f"mu / adaptive_mu apply to method 'coala' only, not {self.method!r}")
         if self.propagate not in ("compressed", "original"):
             raise ValueError(f"propagate must be 'compressed' or 'original', got {self.propagate!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if isinstance(self.sensitivity_samples, bool) or not isinstance(self.sensitivity_samples, int) \
+                or self.sensitivity_samples < 1:
+            raise ValueError(f"sensitivity_samples must be a positive int, got {self.sensitivity_samples!r}")
+        if not self.probe_ratios or not all(isinstance(p, (int, float)) and 0.0 < p < 1.0 for p in self.probe_ratios):
+            raise ValueError(f"probe_ratios must be numbers in (0, 1), got {self.probe_ratios!r}")
         if self.stats_dtype not in _DTYPES:
             raise ValueError(f"stats_dtype must be 'float32' or 'float64', got {self.stats_dtype!r}")
         if self.calib_mode not in ("auto", "windows", "sentences"):
@@ -189,9 +206,9 @@ def compress(model: nn.Module, calibration="builtin", config: CompressConfig | N
     kinds = config.kinds()
     dtype = _DTYPES[config.stats_dtype]
     params_before = sum(p.numel() for p in model.parameters())
-    done, started, solve_s = 0, False, 0.0
-    v2_probe = config.method == "svd-llm-v2" and config.rank is None
-    plan = None if v2_probe else plan_ranks(shapes, config)
+    done, started, solve_s, allocation_s = 0, False, 0.0, 0.0
+    allocation = _allocation(config)
+    plan = plan_ranks(shapes, config) if allocation == "uniform" else None
     rows: list[LayerReport] = []
     try:
         if ckpt is not None:
@@ -200,9 +217,11 @@ def compress(model: nn.Module, calibration="builtin", config: CompressConfig | N
             if done:
                 plan = ckpt.load_block(0)[1]["plan"]
         with torch.no_grad():
-            if plan is None:
+            if plan is None and allocation == "svd-llm-v2":
                 plan, probe_s = v2_plan(walker, shapes, config, dtype)
                 solve_s += probe_s
+            elif plan is None:
+                plan, allocation_s = sensitivity_plan(walker, shapes, config, dtype)
             if kinds or done:
                 walker.catch()
             last = len(walker) - 1
@@ -235,7 +254,8 @@ def compress(model: nn.Module, calibration="builtin", config: CompressConfig | N
         walker.close()
         report = CompressionReport(
             method=config.method, ratio=None if config.rank is not None else float(config.ratio),
-            mu=float(config.mu), adaptive_mu=config.adaptive_mu, propagate=config.propagate, layers=rows,
+            mu=float(config.mu), adaptive_mu=config.adaptive_mu, propagate=config.propagate, allocation=allocation,
+            layers=rows,
             model_params_before=params_before, model_params_after=sum(p.numel() for p in model.parameters()),
             calibration=description, resumed_blocks=done,
         )
@@ -244,9 +264,10 @@ def compress(model: nn.Module, calibration="builtin", config: CompressConfig | N
 
             meta = {"method": config.method, "ratio": config.ratio, "rank_override": config.rank,
                     "mu": config.mu, "adaptive_mu": config.adaptive_mu, "propagate": config.propagate,
-                    "targets": config.targets, "stats_dtype": config.stats_dtype, "calibration": description,
-                    "totals": report.totals(), "base_model": getattr(getattr(model, "config", None),
-                                                                    "_name_or_path", None)}
+                    "allocation": _allocation_meta(config), "targets": config.targets,
+                    "stats_dtype": config.stats_dtype, "calibration": description,
+                    "totals": report.totals(),
+                    "base_model": getattr(getattr(model, "config", None), "_name_or_path", None)}
             save_compressed(model, config.out_dir, meta=json.loads(json.dumps(meta)), tokenizer=tokenizer,
                             max_shard_size=config.max_shard_size, overwrite=config.overwrite)
             ckpt.clear()
@@ -258,8 +279,26 @@ def compress(model: nn.Module, calibration="builtin", config: CompressConfig | N
         raise
     total = time.perf_counter() - t_start
     report.times = {"calibration_s": walker.calib_seconds, "solve_s": solve_s, "total_s": total}
+    if allocation_s:
+        report.times["allocation_s"] = allocation_s
     report.peak_memory = peak_memory(walker.device)
     return report
+
+
+def _allocation(config: CompressConfig) -> str:
+    """The allocation actually used: "uniform", "svd-llm-v2" or "sensitivity" ("uniform" when ranks are forced)."""
+    if config.rank is not None:
+        return "uniform"
+    if config.allocation == "auto":
+        return "svd-llm-v2" if config.method == "svd-llm-v2" else "uniform"
+    return config.allocation
+
+
+def _allocation_meta(config: CompressConfig) -> dict:
+    out: dict = {"kind": _allocation(config)}
+    if out["kind"] == "sensitivity":
+        out.update(samples=config.sensitivity_samples, probe_ratios=list(config.probe_ratios))
+    return out
 
 
 def _shape(module: nn.Module) -> tuple[int, int]:

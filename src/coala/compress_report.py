@@ -43,6 +43,7 @@ class CompressionReport:
     mu: float
     adaptive_mu: bool
     propagate: str
+    allocation: str = "uniform"
     layers: list[LayerReport] = field(default_factory=list)
     model_params_before: int = 0
     model_params_after: int = 0
@@ -122,6 +123,7 @@ class CompressionReport:
             f"{t['dense_layers']} dense)",
             f"whole model:     {t['model_params_before']:,} -> {t['model_params_after']:,} parameters "
             f"({100 * t['model_removed_fraction']:.2f}% removed)",
+            f"ranks: {self.allocation} allocation",
         ]
         errs = [r.rel_error for r in self.layers if r.rel_error is not None]
         if errs:

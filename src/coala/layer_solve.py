@@ -18,7 +18,7 @@ from .allocate import ranks_for_ratios, svd_llm_v2_ratios, uniform_ranks
 from .capture import InputCapture
 from .compress_report import LayerReport
 from .linalg.decomposition import Decomposition
-from .linalg.methods import decompose
+from .linalg.methods import decompose, get_method
 from .linalg.stats import ActivationStats
 from .lowrank import LowRankLinear, dense_bias, dense_weight, linear_shape, replace_module
 
@@ -103,6 +103,34 @@ def v2_plan_from_stats(layers: dict[str, nn.Module], stats: Mapping[str, Activat
     losses = {name: _v2_loss(dense_weight(m).detach(), stats[name], uniform[name], name, decs.get(name))
               for name, m in layers.items() if uniform[name] is not None}
     return _v2_from_losses(losses, uniform, shapes, None, float(config.ratio))
+
+
+def sensitivity_plan(walker, shapes: dict[str, tuple[int, int]], config, dtype: torch.dtype) -> tuple[dict, float]:
+    """Probe pass for ``allocation="sensitivity"`` (original propagation, ``coala.sensitivity``): block by block,
+    the method's statistics and one decomposition per layer; then each layer truncated alone at the probe
+    ratios while the whole model (where it lives) runs ``config.sensitivity_samples`` calibration samples.
+    Returns (plan, seconds)."""
+    import time
+
+    from . import sensitivity
+
+    t0 = time.perf_counter()
+    probe = sensitivity.first_samples(walker.batches, config.sensitivity_samples)
+    reference = sensitivity.outputs(walker.model, probe)
+    kinds = set(get_method(config.method).needs)
+    curves: dict[str, sensitivity.SensitivityCurve] = {}
+    walker.catch()
+    last = len(walker) - 1
+    for i in tqdm(range(len(walker)), desc="sensitivity probes", disable=not config.progress):
+        with walker.on_device(i):
+            cap = walker.statistics(i, kinds, dtype=dtype, write=i < last) if kinds else None
+            decs = {name: decompose(dense_weight(module).detach(), _stats_for(cap, name), method=config.method,
+                                    mu=config.mu, adaptive_mu=config.adaptive_mu, name=name)
+                    for name, module in walker.layers[i].items()}
+            del cap
+        curves.update(sensitivity.measure(walker.model, walker.layers[i], decs, probe, reference,
+                                          config.probe_ratios))
+    return sensitivity.allocate(curves, float(config.ratio), shapes), time.perf_counter() - t0
 
 
 def weighted_error(W: Tensor, A: Tensor, B: Tensor, stats: ActivationStats | None) -> tuple[float | None, float | None]:

@@ -55,6 +55,11 @@ def add_parser(sub) -> None:
                    help="force this rank (or 'full') for every targeted layer instead of --ratio")
     p.add_argument("--propagate", choices=("compressed", "original"), default="compressed",
                    help="next block's inputs: outputs of the compressed block (default) or of the original one")
+    p.add_argument("--allocation", choices=("auto", "uniform", "sensitivity"), default="auto",
+                   help="ranks from --ratio: auto (svd-llm-v2: its per-group allocation; others: uniform), uniform, "
+                        "or sensitivity (each matrix probed alone on the whole model's output; slower, better)")
+    p.add_argument("--sensitivity-samples", type=int, default=64,
+                   help="calibration samples the sensitivity probes run (default 64)")
     p.add_argument("--device", default=None, help="where each block is computed, e.g. cuda (default: cpu)")
     p.add_argument("--offload-hidden", action="store_true",
                    help="keep the calibration hidden states on disk (beside OUT) instead of in memory")
@@ -85,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
 
     config = CompressConfig(
         ratio=args.ratio, method=args.method, mu=args.mu, adaptive_mu=args.adaptive_mu, targets=args.targets,
-        rank=args.rank, propagate=args.propagate, device=args.device, offload_hidden=args.offload_hidden,
+        rank=args.rank, propagate=args.propagate, allocation=args.allocation,
+        sensitivity_samples=args.sensitivity_samples, device=args.device, offload_hidden=args.offload_hidden,
         stats_dtype=args.stats_dtype,
         error_stats=not args.no_error_stats, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
         batch_size=args.batch_size, out_dir=args.out or default_out(args.model), resume=args.resume,
