@@ -96,6 +96,16 @@ def ref() -> SimpleNamespace:
 
 # ---------------------------------------------------------------- tiny causal LM with a real tokenizer
 @pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a test module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``): MKL's
+    SVD slows down by 10x when 2 threads share oversubscribed cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
 def minilm_tokenizer():
     """The real BERT WordPiece tokenizer of the bundled all-MiniLM-L6-v2 (offline)."""
     import transformers

@@ -12,14 +12,7 @@ import coala
 from coala.cli import main
 from coala.compress import SimulatedInterruption
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: MKL's SVD slows down by 10x when 2 threads share oversubscribed cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

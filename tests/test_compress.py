@@ -22,15 +22,7 @@ from coala.io import OutputExistsError
 from coala.lowrank import LowRankLinear, low_rank_layers
 
 QUIET = {"progress": False}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: MKL's SVD slows down by 10x when 2 threads share oversubscribed cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _close(out: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-4) -> None:

@@ -15,14 +15,7 @@ from coala.lowrank import LowRankLinear, dense_weight
 from coala.sensitivity import SensitivityCurve, allocate, first_samples, measure, output_change, outputs, truncated
 
 QUIET = {"progress": False}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _curve(name: str, d1: float, d2: float) -> SensitivityCurve:
