@@ -133,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                + "; ".join(f"{k}: {100 * v:.1f} %" for k, v in spreads.items())
                + f". Target {100 * TOLERANCE:.0f} %: {'met' if ok else 'NOT met'} by the best setting. The "
                "statistics are O(n²) per input; what grows is the cache of hidden states (tokens × 384 floats, "
-               "unless offloaded with --offload-hidden), the R-factor row buffers until they first fill "
-               "(4n rows: ≈ 38 MiB for the 1536-wide MLP input), and glibc's heap high-water mark (its dynamic "
+               "unless offloaded with --offload-hidden), the per-batch working set until batches reach their "
+               "2048-token budget (64 samples fill about two), and glibc's heap high-water mark (its dynamic "
                "mmap threshold keeps freed blocks of up to 32 MiB in the heap; a fixed threshold returns them).")
     notes = (f"{verdict}\n\n## Wall time per method ({args.nsamples} samples, {runs[0]['tokens']} tokens, "
              f"{100 * args.ratio:g} % removed)\n\n{time_table}\n\nall-MiniLM-L6-v2 (BertModel, 6 blocks, 36 targeted "
