@@ -57,7 +57,8 @@ def add_parser(sub) -> None:
                    help="next block's inputs: outputs of the compressed block (default) or of the original one")
     p.add_argument("--allocation", choices=("auto", "uniform", "sensitivity"), default="auto",
                    help="ranks from --ratio: auto (svd-llm-v2: its per-group allocation; others: uniform), uniform, "
-                        "or sensitivity (each matrix probed alone on the whole model's output; slower, better)")
+                        "or sensitivity (each matrix probed alone on the whole model's output: 4 forward passes of "
+                        "the whole model per matrix, run where the model is loaded; slower, better)")
     p.add_argument("--sensitivity-samples", type=int, default=64,
                    help="calibration samples the sensitivity probes run (default 64)")
     p.add_argument("--device", default=None, help="where each block is computed, e.g. cuda (default: cpu)")
