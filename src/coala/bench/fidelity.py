@@ -28,8 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nsamples", type=int, default=256, help="calibration samples (default 256)")
     ap.add_argument("--sensitivity-samples", type=int, default=64, help="samples the probes run (default 64)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--quick", action="store_true", help="20 %% only, 64 samples, probes on 32 (≈ 1 min)")
     ap.add_argument("--check", action="store_true", help=f"exit 1 unless 20 %% sensitivity reaches {TARGET}")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.ratios, args.nsamples, args.sensitivity_samples = [0.2], 64, 32
 
     import torch
     from tqdm.auto import tqdm
