@@ -87,6 +87,25 @@ def test_probes_measure_nothing_at_full_rank_and_something_below(kind):
         assert [r for r, _ in c.probes] == [3, 15]  # 48 × 32 at 80 % and 20 % removed
         assert all(abs(d) > 1e-7 for _, d in c.probes)
         assert c.loss_fraction[0] == pytest.approx(1.0) and c.loss_fraction[-1] == pytest.approx(0.0, abs=1e-6)
+    name = next(iter(layers))
+    A, B = decs[name].factors(3)
+    with pytest.raises(ValueError, match=f"{name} at rank 3"):
+        measure(model, {name: layers[name]}, {name: _Poisoned(A, B)}, data, ref, probe_ratios=(0.8,))
+
+
+class _Poisoned:
+    """Factors whose product holds a NaN (a broken decomposition): the probe must name the layer."""
+
+    def __init__(self, A, B):
+        self.A, self.B = A.clone(), B.clone()
+        self.A[0, 0] = float("nan")
+        self.max_rank = min(A.shape[0], B.shape[1])
+
+    def factors(self, rank):
+        return self.A, self.B
+
+    def truncation_loss(self):
+        return torch.linspace(1.0, 0.0, self.max_rank + 1, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("kind", ["llama", "bert"])
@@ -105,6 +124,7 @@ def test_compress_with_sensitivity_allocation(kind, tmp_path):
 
 def test_bad_allocation_settings():
     for kwargs, match in (({"allocation": "greedy"}, "allocation"), ({"sensitivity_samples": 0}, "sensitivity_samples"),
-                          ({"probe_ratios": (0.2, 1.0)}, "probe_ratios")):
+                          ({"probe_ratios": (0.2, 1.0)}, "probe_ratios"),
+                          ({"allocation": "sensitivity", "ratio": 0.85}, "deepest probe")):
         with pytest.raises(ValueError, match=match):
             CompressConfig(**kwargs).validate()

@@ -128,6 +128,9 @@ class CompressConfig:
             raise ValueError(f"sensitivity_samples must be a positive int, got {self.sensitivity_samples!r}")
         if not self.probe_ratios or not all(isinstance(p, (int, float)) and 0.0 < p < 1.0 for p in self.probe_ratios):
             raise ValueError(f"probe_ratios must be numbers in (0, 1), got {self.probe_ratios!r}")
+        if self.allocation == "sensitivity" and self.rank is None and self.ratio > max(self.probe_ratios):
+            raise ValueError(f"ratio {self.ratio} exceeds the deepest probe ratio {max(self.probe_ratios)}: the "
+                             "sensitivity allocation does not extrapolate; add a deeper probe_ratios entry")
         if self.stats_dtype not in _DTYPES:
             raise ValueError(f"stats_dtype must be 'float32' or 'float64', got {self.stats_dtype!r}")
         if self.calib_mode not in ("auto", "windows", "sentences"):

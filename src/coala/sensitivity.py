@@ -130,11 +130,13 @@ def outputs(model: nn.Module, batches: Sequence[dict[str, Tensor]]) -> Tensor:
     return torch.cat(outs)
 
 
-def output_change(model: nn.Module, batches: Sequence[dict[str, Tensor]], reference: Tensor) -> float:
-    """How far the model's outputs moved from ``reference`` (= ``outputs`` of the original model)."""
+def output_change(model: nn.Module, batches: Sequence[dict[str, Tensor]], reference: Tensor, where: str = "") -> float:
+    """How far the model's outputs moved from ``reference`` (= ``outputs`` of the original model).
+
+    ``where`` names the probe (layer and rank) in the error raised on non-finite outputs."""
     now = outputs(model, batches)
     if not torch.isfinite(now).all():
-        raise ValueError("non-finite model outputs while probing the sensitivity of a truncated layer")
+        raise ValueError(f"non-finite model outputs while probing the sensitivity of {where or 'the model'}")
     if now.ndim == 1:  # token NLLs
         return float(now.to(torch.float64).mean() - reference.to(torch.float64).mean())
     return float(1.0 - (now * reference).sum(-1).to(torch.float64).mean())
@@ -158,7 +160,7 @@ def measure(
         for r in ranks:
             A, B = dec.factors(r)
             with truncated(module, A, B):
-                probes.append((r, output_change(model, batches, reference)))
+                probes.append((r, output_change(model, batches, reference, f"layer {name} at rank {r}")))
         if probes:
             curves[name] = SensitivityCurve(name, (int(m), int(n)), _loss_fraction(dec), probes)
     return curves
