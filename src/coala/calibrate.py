@@ -218,7 +218,8 @@ def normalize_batches(calibration: Iterable) -> list[dict[str, Tensor]]:
 
 
 @contextlib.contextmanager
-def _no_kv_cache(model: nn.Module):
+def no_kv_cache(model: nn.Module):
+    """Turn the model config's use_cache off for the duration of the with (no KV cache is built)."""
     config = getattr(model, "config", None)
     old = getattr(config, "use_cache", None)
     if config is not None and old is not None:
@@ -249,7 +250,7 @@ def catch_block_inputs(
     prev_args: tuple = ()
     prev_kwargs: dict = {}
     try:
-        with _no_kv_cache(model), torch.no_grad():
+        with no_kv_cache(model), torch.no_grad():
             for batch in tqdm(batches, desc="catch block-0 inputs", disable=not progress, leave=False):
                 try:
                     model(**_to(batch, device))

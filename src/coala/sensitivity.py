@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .allocate import rank_for_ratio
+from .calibrate import no_kv_cache
 from .linalg.decomposition import Decomposition, tail_sums_of_squares
 from .lowrank import _is_conv1d, dense_weight
 
@@ -112,7 +113,7 @@ def outputs(model: nn.Module, batches: Sequence[dict[str, Tensor]]) -> Tensor:
     """Per-sample output summary: token NLLs (models with logits) or unit sentence embeddings (encoders)."""
     device = next(model.parameters()).device
     outs = []
-    with torch.no_grad():
+    with torch.no_grad(), no_kv_cache(model):
         for b in batches:
             b = {k: v.to(device) for k, v in b.items()}
             mask = b.get("attention_mask", torch.ones_like(b["input_ids"]))
