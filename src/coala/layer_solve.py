@@ -109,12 +109,12 @@ def sensitivity_plan(walker, shapes: dict[str, tuple[int, int]], config, dtype: 
     """Probe pass for ``allocation="sensitivity"`` (original propagation, ``coala.sensitivity``): block by block,
     the method's statistics and one decomposition per layer; then each layer truncated alone at the probe
     ratios while the whole model (where it lives) runs ``config.sensitivity_samples`` calibration samples.
-    Returns (plan, seconds)."""
+    Returns (plan, seconds spent outside the walker's calibration passes, which ``walker.calib_seconds`` counts)."""
     import time
 
     from . import sensitivity
 
-    t0 = time.perf_counter()
+    t0, calib0 = time.perf_counter(), walker.calib_seconds
     probe = sensitivity.first_samples(walker.batches, config.sensitivity_samples)
     reference = sensitivity.outputs(walker.model, probe)
     kinds = set(get_method(config.method).needs)
@@ -130,7 +130,8 @@ def sensitivity_plan(walker, shapes: dict[str, tuple[int, int]], config, dtype: 
             del cap
         curves.update(sensitivity.measure(walker.model, walker.layers[i], decs, probe, reference,
                                           config.probe_ratios))
-    return sensitivity.allocate(curves, float(config.ratio), shapes), time.perf_counter() - t0
+    plan = sensitivity.allocate(curves, float(config.ratio), shapes)
+    return plan, time.perf_counter() - t0 - (walker.calib_seconds - calib0)
 
 
 def weighted_error(W: Tensor, A: Tensor, B: Tensor, stats: ActivationStats | None) -> tuple[float | None, float | None]:
