@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [["shared single pass (compare)", result.times["calibration_s"], result.times["solve_s"], shared]]
     if not args.skip_sequential:
         seq = _sequential_seconds(model, tokenizer, methods, ratios, nsamples)
-        rows.append(["one compress run per method × ratio", float("nan"), float("nan"), seq])
+        rows.append(["one compress run per method × ratio", "—", "—", seq])
     table = markdown_table(["route", "calibration s", "solve s", "calibration + solve s"], rows)
     note = (f"{len(methods)} methods × {len(ratios)} ratios on all-MiniLM-L6-v2, {nsamples} calibration "
             f"samples; evaluation ({result.times['eval_s']:.1f} s) is the same for both routes and not counted. "
