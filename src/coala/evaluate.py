@@ -150,6 +150,12 @@ def lm_eval_tasks(
     return results
 
 
+def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """Mean of ``hidden`` (batch × seq × dim) over real tokens (mask 1): (batch × dim) in float32."""
+    mask = attention_mask.unsqueeze(-1).to(torch.float32)
+    return (hidden.float() * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
 @torch.no_grad()
 def sentence_embeddings(
     model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: int = 32, max_length: int = 256
@@ -163,9 +169,7 @@ def sentence_embeddings(
             list(texts[i : i + batch_size]), padding=True, truncation=True, max_length=max_length,
             return_tensors="pt",
         ).to(device)
-        hidden = model(**enc).last_hidden_state.float()
-        mask = enc["attention_mask"].unsqueeze(-1).float()
-        out.append(((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)).cpu())
+        out.append(mean_pool(model(**enc).last_hidden_state, enc["attention_mask"]).cpu())
     return torch.cat(out)
 
 

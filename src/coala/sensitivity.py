@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from .allocate import rank_for_ratio
 from .calibrate import no_kv_cache
+from .evaluate import mean_pool
 from .linalg.decomposition import Decomposition, tail_sums_of_squares
 from .lowrank import _is_conv1d, dense_weight
 
@@ -125,9 +126,7 @@ def outputs(model: nn.Module, batches: Sequence[dict[str, Tensor]]) -> Tensor:
                                       reduction="none")
                 outs.append(nll[labels != -100])
             else:
-                h = out.last_hidden_state.float()
-                m = mask.unsqueeze(-1).to(h)
-                outs.append(F.normalize((h * m).sum(1) / m.sum(1).clamp_min(1), dim=-1))
+                outs.append(F.normalize(mean_pool(out.last_hidden_state, mask), dim=-1))
     return torch.cat(outs)
 
 
