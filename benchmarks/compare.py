@@ -1,5 +1,0 @@
-import sys
-
-from coala.bench.compare import main
-
-sys.exit(main(sys.argv[1:]))
