@@ -1,1 +1,0 @@
-"""Benchmarks reachable as ``coala bench NAME``; each module has ``main(argv) -> int``."""
