@@ -1,4 +1,4 @@
-"""Part 2 of ``coala bench lora``: a short real LoRA fine-tune of the pretrained MiniLM (all-MiniLM-L6-v2) from
+"""Part 2 of ``benchmarks/lora.py``: a short real LoRA fine-tune of the pretrained MiniLM (all-MiniLM-L6-v2) from
 each initialisation, on the built-in corpus, with a plain training loop.
 
 Task: adjacent-paragraph retrieval on ``builtin_texts("train")`` — each paragraph's embedding (mean pooled,
@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..adapters import init_lora, text_batches
-from ..adapters.peft_bridge import lora_layers
-from ..data import builtin_sentences, builtin_texts
+from coala.adapters import init_lora, text_batches
+from coala.adapters.peft_bridge import lora_layers
+from coala.data import builtin_sentences, builtin_texts
 
 TEMPERATURE = 0.05
 

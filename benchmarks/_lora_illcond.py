@@ -1,4 +1,4 @@
-"""Part 1 of ``coala bench lora``: adapter products under ill-conditioned context, float32 inputs.
+"""Part 1 of ``benchmarks/lora.py``: adapter products under ill-conditioned context, float32 inputs.
 
 X (N × n, float32) with prescribed condition number, W (m × n, float32). Reference: the float64 solve on the
 very same float32 data (R of X in float64, SVD in float64): P_ref = U_rU_rᵀW (IPM: top r; KPM: the r smallest
@@ -21,8 +21,8 @@ import math
 
 import torch
 
-from ..adapters import coala_lora_factors, corda_decompose
-from ..linalg import RFactor
+from coala.adapters import coala_lora_factors, corda_decompose
+from coala.linalg import RFactor
 
 KINDS = ("channels", "rotated")
 
@@ -88,7 +88,7 @@ _LABELS = {"coala": "coala (default precision)", "coala_fp32": "coala all-fp32",
 
 
 def plot(rows: list[dict], path) -> None:
-    from ._report import new_figure
+    from _report import new_figure
 
     fig, axes = new_figure(1, 2, figsize=(11, 4.2), sharey=True)
     styles = {"coala": ("C0", "o"), "coala_fp32": ("C2", "s"), "corda_fp32": ("C3", "^"), "corda_fp64": ("C1", "v")}

@@ -1,13 +1,15 @@
-"""Shared output of benchmarks: markdown tables, PNG plots, an output folder, machine description."""
+"""Shared output of the benchmarks: an output folder, markdown tables and files. Figures and the machine line
+come from coala's public ``coala.plotting`` (re-exported here for the scripts)."""
 
 from __future__ import annotations
 
 import os
-import platform
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
+from coala.plotting import machine, new_figure
+
+__all__ = ["machine", "markdown_table", "new_figure", "out_dir", "write_markdown"]
 
 
 def out_dir(path: str | os.PathLike | None, name: str) -> Path:
@@ -15,14 +17,6 @@ def out_dir(path: str | os.PathLike | None, name: str) -> Path:
     d = Path(path) if path else Path("results") / name
     d.mkdir(parents=True, exist_ok=True)
     return d
-
-
-def machine() -> str:
-    """One line describing where the figures came from."""
-    cpu = platform.processor() or platform.machine()
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{platform.system()} {cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), {dev}")
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -39,18 +33,9 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
 
 
 def write_markdown(path: Path, title: str, table: str, notes: str = "") -> None:
+    """``# title``, the table, optional notes and the machine line, written to ``path``."""
     text = f"# {title}\n\n{table}\n"
     if notes:
         text += f"\n{notes}\n"
     text += f"\nMachine: {machine()}\n"
     path.write_text(text)
-
-
-def new_figure(*args, **kwargs):
-    """A matplotlib figure on the non-interactive Agg backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(*args, **kwargs)

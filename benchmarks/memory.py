@@ -1,4 +1,6 @@
-"""``coala bench memory``: peak memory of the streaming R factor is flat in the number of rows.
+"""Peak memory of the streaming R factor is flat in the number of rows.
+
+Run: ``python benchmarks/memory.py [--quick]`` from the repository root (or ``coala bench memory``).
 
 Each size runs in a fresh Python subprocess, which imports torch and coala, runs a tiny warm-up (n = 32, so that
 lazily loaded library code is not counted), records its peak resident set size
@@ -22,6 +24,11 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # sibling helpers (benchmarks/_*.py) import by name, however the script is run
+    sys.path.insert(0, str(HERE))
 
 LOADER_ROWS = 2048
 TOLERANCE = 0.10
@@ -64,7 +71,7 @@ def child(rows: int, n: int, seed: int) -> dict:
 def run_child(rows: int, n: int, seed: int, threads: int | None, fixed_mmap: bool = True) -> dict:
     code = ("import json, sys, torch\n"
             + (f"torch.set_num_threads({threads})\n" if threads else "")
-            + "from coala.bench.memory import child\n"
+            + f"sys.path.insert(0, {str(HERE)!r})\nfrom memory import child\n"
             + f"print(json.dumps(child({rows}, {n}, {seed})))\n")
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD)) if fixed_mmap else None
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, env=env)
@@ -74,7 +81,7 @@ def run_child(rows: int, n: int, seed: int, threads: int | None, fixed_mmap: boo
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="coala bench memory", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="output folder (default results/memory)")
     ap.add_argument("--quick", action="store_true", help="10⁴ and 10⁵ rows at n = 256 (a few seconds)")
     ap.add_argument("--n", type=int, default=None, help="in_features (default 1024; quick 256)")
@@ -90,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm.auto import tqdm
 
-    from coala.bench._report import machine, markdown_table, new_figure, out_dir, write_markdown
+    from _report import machine, markdown_table, new_figure, out_dir, write_markdown
 
     d = out_dir(args.out, "memory")
     print(machine())
@@ -141,3 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     print(notes)
     print(f"wrote {d / 'memory.md'} and {d / 'memory.png'}")
     return 1 if (args.check and not flat) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

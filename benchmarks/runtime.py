@@ -1,4 +1,6 @@
-"""``coala bench runtime``: cost of the streaming R factor against a streaming Gram, a monolithic QR, and the solve.
+"""Cost of the streaming R factor against a streaming Gram, a monolithic QR, and the solve.
+
+Run: ``python benchmarks/runtime.py [--quick]`` from the repository root (or ``coala bench runtime``).
 
 1. Streaming statistics, float32, per width n: the same stream of loader blocks (2048 rows each, as a data loader
    would deliver them) goes into ``RFactor`` (buffers ``default_block_rows(n)`` rows, then R ← R([R; X_b]) by
@@ -19,18 +21,25 @@ run takes ≈ 5–8 min on 2 cores. ``--quick``: n = 256, 512 and small streams 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 import coala.linalg.qr_update as qr
-from coala.bench._report import machine, markdown_table, new_figure, out_dir, write_markdown
 from coala.linalg import RFactor, decompose
 from coala.linalg.stats import ActivationStats, GramAccumulator
 from coala.linalg.tsqr import default_block_rows
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # sibling helpers (benchmarks/_*.py) import by name, however the script is run
+    sys.path.insert(0, str(HERE))
+
+from _report import machine, markdown_table, new_figure, out_dir, write_markdown
 
 LOADER_ROWS = 2048
 FULL = {"rows": {1024: 294_912, 2048: 122_880, 4096: 61_440}, "sweep_n": 1024, "sweep_rows": 65_536,
@@ -245,7 +254,7 @@ def report(d, streams, sweep, sweep_gram, solve, cfg, wall: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="coala bench runtime", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="output folder (default results/runtime)")
     ap.add_argument("--quick", action="store_true", help="n = 256, 512, small streams (≈ 20 s)")
     ap.add_argument("--repeats", type=int, default=None, help="runs per figure, the minimum is kept (default 3)")
@@ -275,3 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     print(report(d, streams, sweep, sweep_gram, solve, cfg, wall))
     print(f"wall time {wall:.0f} s; wrote {d / 'runtime.md'} and {d / 'runtime.png'}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,4 +1,6 @@
-"""``coala bench stability``: the paper's Figure 1 — relative weighted error against rank, every method in float32.
+"""The paper's Figure 1 — relative weighted error against rank, every method in float32.
+
+Run: ``python benchmarks/stability.py [--quick]`` from the repository root (or ``coala bench stability``).
 
 For each input (synthetic X with singular values log-spaced down to 1e-8 and to 1e-12; real inputs of the
 pretrained MiniLM) and each method ("coala", "svd-llm", "svd-llm-v2", "asvd", "svd", plus "coala-stream":
@@ -18,15 +20,22 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from coala.bench._report import markdown_table, new_figure, out_dir, write_markdown
 from coala.linalg import RFactor, decompose
 from coala.linalg.stats import ActivationStats
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # sibling helpers (benchmarks/_*.py) import by name, however the script is run
+    sys.path.insert(0, str(HERE))
+
+from _report import markdown_table, new_figure, out_dir, write_markdown
 
 F64 = torch.float64
 METHODS = ("coala", "svd-llm", "svd-llm-v2", "asvd", "svd")
@@ -88,7 +97,7 @@ def synthetic_problem(name: str, tokens: int, n: int, m: int, low_exponent: floa
 
 def minilm_problems(block: int, max_tokens: int, progress: bool) -> list[Problem]:
     """Inputs of MiniLM block ``block``: attention query projection and FFN output dense layer."""
-    from coala.bench.activations import minilm_inputs
+    from _activations import minilm_inputs
 
     out = []
     for name, cap in minilm_inputs(block, max_tokens, progress=progress).items():
@@ -262,7 +271,7 @@ with random singular vectors adds noise of ~1e-7·‖X‖/√n per entry, which 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="coala bench stability", description=(
+    ap = argparse.ArgumentParser(description=(
         "The paper's Figure 1: relative weighted error ‖(W−W')Xᵀ‖/‖WXᵀ‖ against rank for every method computed in "
         "float32, against the float64 optimum; synthetic and real (MiniLM) inputs. Writes stability.png and "
         "stability.md to --out."))
@@ -322,3 +331,7 @@ def main(argv: list[str] | None = None) -> int:
                    t_in + "\n\n" + t_res, notes)
     print(f"wrote {folder / 'stability.png'} and {folder / 'stability.md'}")
     return 1 if (args.check and not coala_ok) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -144,9 +144,11 @@ def test_baselines_from_streamed_statistics_equal_the_tensor_route(ref, problem,
 
 
 def test_stability_benchmark_small_run(tmp_path, capsys):
-    """`coala bench stability` end to end on small synthetic inputs: coala meets its target, the Gram-based
+    """benchmarks/stability.py end to end on small synthetic inputs: coala meets its target, the Gram-based
     baselines visibly do not, a failing method is a row of the table, not a crash."""
-    from coala.bench import stability as bench
+    from _benchmarks import load_benchmark
+
+    bench = load_benchmark("stability")
 
     assert bench.main(["--no-minilm", "--tokens", "512", "--width", "64", "--out", str(tmp_path), "--check"]) == 0
     out = capsys.readouterr().out

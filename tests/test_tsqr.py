@@ -237,8 +237,10 @@ def test_capture_excludes_padding_and_shares_qkv():
 
 
 def test_benchmark_capture_keeps_the_rows_the_statistics_saw():
-    """coala.bench.activations: raw rows (padding excluded) next to InputCapture's streamed R of the same rows."""
-    from coala.bench.activations import capture_linear_inputs
+    """benchmarks/_activations.py: raw rows (padding excluded) next to InputCapture's streamed R of the same rows."""
+    from _benchmarks import load_benchmark
+
+    capture_linear_inputs = load_benchmark("_activations").capture_linear_inputs
 
     model = _tiny_bert().float()
 

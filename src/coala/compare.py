@@ -10,12 +10,12 @@ from __future__ import annotations
 import copy
 import csv
 import math
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -24,6 +24,7 @@ from .compress import CompressConfig, collect_statistics
 from .layer_solve import _v2_from_losses, weighted_error
 from .linalg.methods import decompose
 from .lowrank import LowRankLinear, dense_bias, dense_weight, linear_shape, replace_module
+from .plotting import PLOT_EXTRA_HINT, machine, new_figure
 
 # Which way is better for each metric kind (for the bold "best" cells).
 HIGHER_IS_BETTER = {"ppl": False, "cos_mean": True, "cos_p05": True, "task": True, "weighted_err": False}
@@ -203,9 +204,11 @@ def results_markdown(result: CompareResult) -> str:
 
 
 def write_results(result: CompareResult, out_dir: str | Path) -> dict[str, Path]:
-    """results.csv, results.md and results.png (one panel per metric: metric vs ratio, a line per method)."""
-    from .bench._report import machine, new_figure
+    """results.csv, results.md and results.png (one panel per metric: metric vs ratio, a line per method).
 
+    The PNG needs matplotlib (the ``plot`` extra): without it, a one-line note goes to stderr and the returned
+    dict has no "png" entry.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     headers, body = result.table()
@@ -218,8 +221,13 @@ def write_results(result: CompareResult, out_dir: str | Path) -> dict[str, Path]
         f"# coala compare\n\n{results_markdown(result)}\n\nBest per column and ratio in bold. "
         f"Times (s): {times}.\n\nMachine: {machine()}\n"
     )
+    paths = {"csv": out / "results.csv", "md": out / "results.md"}
     metrics = [*result.metrics, "weighted_err"]
-    fig, axes = new_figure(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
+    try:
+        fig, axes = new_figure(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
+    except ImportError:
+        print(f"coala compare: results.png skipped, matplotlib is not installed ({PLOT_EXTRA_HINT})", file=sys.stderr)
+        return paths
     original = result.rows[0]
     for ax, metric in zip(axes[0], metrics, strict=True):
         for method in dict.fromkeys(r["method"] for r in result.rows[1:]):
@@ -234,5 +242,4 @@ def write_results(result: CompareResult, out_dir: str | Path) -> dict[str, Path]
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "results.png", dpi=120)
-    torch.set_grad_enabled(True)
-    return {"csv": out / "results.csv", "md": out / "results.md", "png": out / "results.png"}
+    return {**paths, "png": out / "results.png"}
