@@ -9,8 +9,9 @@ The forward pass stops as soon as every requested layer has seen its input (noth
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -68,7 +69,7 @@ def minilm_layer_names(block: int = 0) -> tuple[str, str]:
 
 def capture_linear_inputs(
     model: nn.Module,
-    tokenizer,
+    tokenizer: Any,
     layer_names: Sequence[str],
     texts: Iterable[str],
     *,
@@ -99,7 +100,8 @@ def capture_linear_inputs(
 
     with torch.no_grad(), InputCapture(model, layers, kinds, dtype=torch.float32) as capture:
 
-        def keep_rows(name: str, module: nn.Module):
+        def keep_rows(name: str, module: nn.Module) -> Callable[[nn.Module, tuple], None]:
+            """A forward pre-hook appending the layer's real-token input rows to ``rows[name]``."""
             n = linear_in_features(module)
 
             def hook(_module: nn.Module, args: tuple) -> None:

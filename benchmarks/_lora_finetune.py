@@ -17,9 +17,11 @@ import itertools
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from coala.adapters import init_lora, text_batches
@@ -41,6 +43,8 @@ def paragraph_pairs(min_chars: int = 40, max_chars: int = 400) -> list[tuple[str
 
 @dataclass
 class Data:
+    """Task pairs (train / held out), calibration texts (task, knowledge) and the knowledge texts for drift."""
+
     train: list[tuple[str, str]]
     held_out: list[tuple[str, str]]
     task_calib: list[str]
@@ -49,6 +53,7 @@ class Data:
 
 
 def make_data(n_calib: int, n_knowledge: int, seed: int = 0) -> Data:
+    """Shuffled paragraph pairs (10 % held out, at least 32) and the two halves of the knowledge sentences."""
     pairs = paragraph_pairs()
     random.Random(seed).shuffle(pairs)
     n_hold = max(32, len(pairs) // 10)
@@ -62,7 +67,7 @@ def make_data(n_calib: int, n_knowledge: int, seed: int = 0) -> Data:
     )
 
 
-def embed(model, enc) -> tuple[torch.Tensor, torch.Tensor]:
+def embed(model: nn.Module, enc: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """(normalised mean-pooled sentence embeddings (B × d), token states (B × T × d)), float32."""
     h = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
     m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
@@ -70,7 +75,8 @@ def embed(model, enc) -> tuple[torch.Tensor, torch.Tensor]:
     return F.normalize(pooled, dim=-1), h
 
 
-def info_nce(model, tok, pairs: list[tuple[str, str]], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def info_nce(model: nn.Module, tok: Any, pairs: list[tuple[str, str]],
+             seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric InfoNCE loss and top-1 accuracy of a batch of (anchor, positive) pairs."""
     a = tok([p[0] for p in pairs], padding=True, truncation=True, max_length=seq_len, return_tensors="pt")
     b = tok([p[1] for p in pairs], padding=True, truncation=True, max_length=seq_len, return_tensors="pt")
@@ -83,7 +89,7 @@ def info_nce(model, tok, pairs: list[tuple[str, str]], seq_len: int) -> tuple[to
 
 
 @torch.no_grad()
-def knowledge_states(model, tok, texts: list[str], seq_len: int) -> list[tuple[torch.Tensor, ...]]:
+def knowledge_states(model: nn.Module, tok: Any, texts: list[str], seq_len: int) -> list[tuple[torch.Tensor, ...]]:
     """(embeddings, token states, mask) per batch of 32 knowledge sentences."""
     out = []
     for s in range(0, len(texts), 32):
@@ -93,7 +99,7 @@ def knowledge_states(model, tok, texts: list[str], seq_len: int) -> list[tuple[t
     return out
 
 
-def drift(now, ref) -> tuple[float, float]:
+def drift(now: list[tuple[torch.Tensor, ...]], ref: list[tuple[torch.Tensor, ...]]) -> tuple[float, float]:
     """(mean 1 − cos of sentence embeddings, ‖H − H₀‖_F / ‖H₀‖_F over real tokens)."""
     cos, num, den, n = 0.0, 0.0, 0.0, 0
     for (e, h, m), (e0, h0, _) in zip(now, ref, strict=True):
@@ -106,7 +112,8 @@ def drift(now, ref) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def held_out_eval(model, tok, pairs, seq_len: int) -> tuple[float, float]:
+def held_out_eval(model: nn.Module, tok: Any, pairs: list[tuple[str, str]], seq_len: int) -> tuple[float, float]:
+    """Mean InfoNCE loss and top-1 accuracy over the full batches of 32 held-out pairs."""
     losses, accs = [], []
     for s in range(0, len(pairs) - 31, 32):
         loss, acc = info_nce(model, tok, pairs[s : s + 32], seq_len)
@@ -117,6 +124,8 @@ def held_out_eval(model, tok, pairs, seq_len: int) -> tuple[float, float]:
 
 @dataclass
 class RunResult:
+    """One initialisation's timings, per-step training losses, held-out scores and knowledge drift."""
+
     name: str
     init_seconds: float
     train_seconds: float
@@ -140,8 +149,8 @@ SPECS = {  # name → (method, mode, calibration text: "task" | "knowledge" | No
 }
 
 
-def run_one(name: str, base, tok, data: Data, lora_config, *, steps: int, batch: int, lr: float, seq_len: int,
-            ref_states, seed: int = 0) -> RunResult:
+def run_one(name: str, base: nn.Module, tok: Any, data: Data, lora_config: Any, *, steps: int, batch: int, lr: float,
+            seq_len: int, ref_states: list[tuple[torch.Tensor, ...]], seed: int = 0) -> RunResult:
     """Initialise with SPECS[name], train ``steps`` steps with AdamW, evaluate."""
     method, mode, calib_kind = SPECS[name]
     model = copy.deepcopy(base)

@@ -18,6 +18,8 @@ For IPM the excess weighted loss ‖(W − P)Xᵀ‖²/min − 1 is reported too
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Iterable
 
 import torch
 
@@ -27,7 +29,7 @@ from coala.linalg import RFactor
 KINDS = ("channels", "rotated")
 
 
-def make_problem(kind: str, cond: float, m: int, n: int, N: int, seed: int = 0):
+def make_problem(kind: str, cond: float, m: int, n: int, N: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(X float32 (N × n), W float32 (m × n)) with cond(X) ≈ ``cond`` (measured on the float32 X)."""
     g = torch.Generator().manual_seed(seed)
     s = torch.logspace(0, -math.log10(cond), n, dtype=torch.float64)[torch.randperm(n, generator=g)]
@@ -42,16 +44,19 @@ def make_problem(kind: str, cond: float, m: int, n: int, N: int, seed: int = 0):
 
 
 def _r_factor(X: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """R of X streamed by coala's RFactor in ``dtype``."""
     rf = RFactor(X.shape[1], dtype=dtype, block_rows=max(4 * X.shape[1], 512))
     rf.update(X)
     return rf.R
 
 
 def _rel(P: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖P − ref‖_F / ‖ref‖_F in float64."""
     return float(torch.linalg.matrix_norm(P.double() - ref) / torch.linalg.matrix_norm(ref))
 
 
 def run_case(kind: str, cond: float, mode: str, *, m: int, n: int, N: int, rank: int) -> dict:
+    """One table row: every route's relative error against the float64 reference (+ excess loss for IPM)."""
     X, W = make_problem(kind, cond, m, n, N)
     X64, W64 = X.double(), W.double()
     R32, R64 = _r_factor(X, torch.float32), _r_factor(X, torch.float64)
@@ -78,7 +83,9 @@ def run_case(kind: str, cond: float, mode: str, *, m: int, n: int, N: int, rank:
     return row
 
 
-def run(conds, *, m: int, n: int, N: int, rank: int) -> list[dict]:
+def run(conds: Iterable[float], *, m: int, n: int, N: int, rank: int) -> list[dict]:
+    """``run_case`` for every kind × mode × condition number."""
+    conds = list(conds)
     return [run_case(kind, c, mode, m=m, n=n, N=N, rank=rank) for kind in KINDS for mode in ("ipm", "kpm")
             for c in conds]
 
@@ -87,7 +94,8 @@ _LABELS = {"coala": "coala (default precision)", "coala_fp32": "coala all-fp32",
            "corda_fp64": "CorDA fp64"}
 
 
-def plot(rows: list[dict], path) -> None:
+def plot(rows: list[dict], path: str | os.PathLike) -> None:
+    """Relative error against cond(X), one panel per mode, a line per route and kind; saved to ``path``."""
     from _report import new_figure
 
     fig, axes = new_figure(1, 2, figsize=(11, 4.2), sharey=True)

@@ -13,6 +13,7 @@ import copy
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # sibling helpers (benchmarks/_*.py) import by name, however the script is run
@@ -21,7 +22,7 @@ if str(HERE) not in sys.path:  # sibling helpers (benchmarks/_*.py) import by na
 from _report import markdown_table, out_dir, write_markdown
 
 
-def _sequential_seconds(model, tokenizer, methods, ratios, nsamples) -> float:
+def _sequential_seconds(model: Any, tokenizer: Any, methods: list[str], ratios: list[float], nsamples: int) -> float:
     """Calibration + solve for each method × ratio separately (what one compress run per cell costs)."""
     from coala.compress import CompressConfig, compress
 
@@ -39,6 +40,7 @@ def _sequential_seconds(model, tokenizer, methods, ratios, nsamples) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark with command-line ``argv``; returns the exit status."""
     from coala.compare import CompareConfig, compare, results_markdown, write_results
     from coala.models import load_model
 

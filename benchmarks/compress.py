@@ -65,6 +65,7 @@ def child(nsamples: int, method: str, ratio: float, fidelity: bool, offload: boo
 
 def run_child(nsamples: int, method: str, ratio: float, fidelity: bool, threads: int | None,
               offload: bool = False, mmap_threshold: int | None = None) -> dict:
+    """``child(...)`` in a fresh Python subprocess (optionally with glibc's mmap threshold fixed)."""
     code = ("import json, torch\n"
             + (f"torch.set_num_threads({threads})\n" if threads else "")
             + f"import sys\nsys.path.insert(0, {str(HERE)!r})\nfrom compress import child\n"
@@ -79,10 +80,12 @@ def run_child(nsamples: int, method: str, ratio: float, fidelity: bool, threads:
 
 
 def _int_list(text: str) -> list[int]:
+    """argparse type: \"64,512\" → [64, 512]."""
     return [int(t) for t in text.split(",") if t.strip()]
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark with command-line ``argv``; returns the exit status (1: --check failed)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="output folder (default results/compress)")
     ap.add_argument("--memory-samples", type=_int_list, default=[64, 512], help="sample counts compared (64,512)")
@@ -185,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _test_sentences() -> list[str]:
+    """The held-out built-in sentences the fidelity is measured on."""
     from coala.data import builtin_sentences
 
     return builtin_sentences("test")

@@ -25,10 +25,12 @@ TARGET = 0.95
 
 
 def _floats(text: str) -> list[float]:
+    """argparse type: \"0.2,0.4\" → [0.2, 0.4]."""
     return [float(t) for t in text.split(",") if t.strip()]
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark with command-line ``argv``; returns the exit status (1: --check failed)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="output folder (default results/fidelity)")
     ap.add_argument("--ratios", type=_floats, default=[0.2, 0.4, 0.6], help="fractions removed (0.2,0.4,0.6)")

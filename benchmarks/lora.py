@@ -30,6 +30,7 @@ DEFAULT_METHODS = ("LoRA (B=0)", "PiSSA", "CorDA-IPM", "CorDA-KPM", "coala-IPM",
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command-line options."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes and a few steps (smoke run)")
     p.add_argument("--targets", default="query,key,value,attention.output.dense",
@@ -48,7 +49,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def part_illcond(args, out) -> tuple[str, list[dict]]:
+def part_illcond(args: argparse.Namespace, out: Path) -> tuple[str, list[dict]]:
+    """Part 1 (``_lora_illcond``): its markdown section and rows; writes lora_illcond.png."""
     import _lora_illcond as ic
 
     if args.quick:
@@ -72,7 +74,8 @@ def part_illcond(args, out) -> tuple[str, list[dict]]:
     return f"## 1. Ill-conditioned context\n\n{note}\n\n{table}\n\n![](lora_illcond.png)\n", rows
 
 
-def part_finetune(args, out) -> tuple[str, list]:
+def part_finetune(args: argparse.Namespace, out: Path) -> tuple[str, list]:
+    """Part 2 (``_lora_finetune``): its markdown section and per-method results; writes lora_finetune.png."""
     from peft import LoraConfig
     from transformers import AutoModel, AutoTokenizer
 
@@ -142,15 +145,18 @@ _WINDOW = 10
 
 
 def _smooth(xs: list[float]) -> list[float]:
+    """Trailing moving average over ``_WINDOW`` steps."""
     return [sum(xs[max(0, i - _WINDOW + 1) : i + 1]) / (i + 1 - max(0, i - _WINDOW + 1)) for i in range(len(xs))]
 
 
 def _tail(xs: list[float]) -> float:
+    """Mean of the last ``_WINDOW`` values (nan when empty)."""
     tail = xs[-_WINDOW:]
     return sum(tail) / len(tail) if tail else float("nan")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark with command-line ``argv``; returns the exit status."""
     args = parse(argv)
     out = out_dir(args.out, "lora")
     start = time.perf_counter()

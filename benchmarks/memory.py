@@ -69,6 +69,7 @@ def child(rows: int, n: int, seed: int) -> dict:
 
 
 def run_child(rows: int, n: int, seed: int, threads: int | None, fixed_mmap: bool = True) -> dict:
+    """``child(rows, n, seed)`` in a fresh Python subprocess; returns its report."""
     code = ("import json, sys, torch\n"
             + (f"torch.set_num_threads({threads})\n" if threads else "")
             + f"sys.path.insert(0, {str(HERE)!r})\nfrom memory import child\n"
@@ -81,6 +82,7 @@ def run_child(rows: int, n: int, seed: int, threads: int | None, fixed_mmap: boo
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark with command-line ``argv``; returns the exit status (1: --check failed)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="output folder (default results/memory)")
     ap.add_argument("--quick", action="store_true", help="10⁴ and 10⁵ rows at n = 256 (a few seconds)")

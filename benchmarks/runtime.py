@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -57,21 +58,26 @@ class Stream:
     count: int
 
     def __iter__(self) -> Iterator[Tensor]:
+        """The ``count`` blocks, cycling through the pool."""
         return (self.pool[i % len(self.pool)] for i in range(self.count))
 
     @property
     def rows(self) -> int:
+        """Rows in the whole stream."""
         return self.count * LOADER_ROWS
 
     @property
     def n(self) -> int:
+        """Width (in_features)."""
         return self.pool[0].shape[1]
 
     def materialise(self) -> Tensor:
+        """All rows as one (rows × n) tensor."""
         return torch.cat(list(self))
 
 
 def make_stream(n: int, rows: int, seed: int = 0, pool: int = 8) -> Stream:
+    """About ``rows`` rows of width ``n`` from ``pool`` random blocks with log-spaced column scales."""
     g = torch.Generator().manual_seed(seed)
     scales = torch.logspace(0, -3, n)  # unequal column scales, as activations have
     blocks = [torch.randn(LOADER_ROWS, n, generator=g) * scales for _ in range(pool)]
@@ -80,6 +86,7 @@ def make_stream(n: int, rows: int, seed: int = 0, pool: int = 8) -> Stream:
 
 # ---------------------------------------------------------------------------------------------- the workloads
 def gram_stream(s: Stream) -> Tensor:
+    """G = XᵀX accumulated block by block (the SVD-LLM route)."""
     acc = GramAccumulator(s.n)
     for block in s:
         acc.add_rows(block)
@@ -87,6 +94,7 @@ def gram_stream(s: Stream) -> Tensor:
 
 
 def r_stream(s: Stream, block_rows: int | None = None) -> Tensor:
+    """R of the stream by coala's RFactor (``block_rows`` rows per QR update; default: its own)."""
     f = RFactor(s.n, block_rows=block_rows)
     for block in s:
         f.add_rows(block)
@@ -119,7 +127,7 @@ def stacked_geqrf_stream(s: Stream, block_rows: int) -> Tensor:
     return R
 
 
-def race(tasks: dict[str, Callable[[], object]], repeats: int, bar) -> dict[str, float]:
+def race(tasks: dict[str, Callable[[], object]], repeats: int, bar: Any) -> dict[str, float]:
     """Minimum wall time of each task over ``repeats`` rounds; the tasks alternate within a round."""
     best = dict.fromkeys(tasks, float("inf"))
     for _ in range(repeats):
@@ -132,7 +140,8 @@ def race(tasks: dict[str, Callable[[], object]], repeats: int, bar) -> dict[str,
 
 
 # ---------------------------------------------------------------------------------------------- the sections
-def bench_streams(cfg: dict, bar) -> list[dict]:
+def bench_streams(cfg: dict, bar: Any) -> list[dict]:
+    """Section 1: Gram vs streaming R vs monolithic QR per width."""
     out = []
     for n, rows in cfg["rows"].items():
         s = make_stream(n, rows, seed=n)
@@ -147,7 +156,8 @@ def bench_streams(cfg: dict, bar) -> list[dict]:
     return out
 
 
-def bench_sweep(cfg: dict, bar) -> tuple[list[dict], float]:
+def bench_sweep(cfg: dict, bar: Any) -> tuple[list[dict], float]:
+    """Section 2: block size, leaf width and the previous stacked-geqrf route; rows and the Gram time."""
     n = cfg["sweep_n"]
     s = make_stream(n, cfg["sweep_rows"], seed=1)
     tasks: dict[str, Callable[[], object]] = {"gram": lambda: gram_stream(s)}
@@ -166,7 +176,8 @@ def bench_sweep(cfg: dict, bar) -> tuple[list[dict], float]:
     return rows, t["gram"]
 
 
-def bench_solve(cfg: dict, bar) -> list[dict]:
+def bench_solve(cfg: dict, bar: Any) -> list[dict]:
+    """Section 3: statistics → factors for coala and svd-llm, square and tall W."""
     n = cfg["solve_n"]
     stats = ActivationStats(n, ("r", "gram"))
     for block in make_stream(n, 4 * max(n, LOADER_ROWS), seed=2):
@@ -184,7 +195,9 @@ def bench_solve(cfg: dict, bar) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- reporting
-def plot(path, streams: list[dict], sweep: list[dict], sweep_gram: float, solve: list[dict], sweep_n: int) -> None:
+def plot(path: Path, streams: list[dict], sweep: list[dict], sweep_gram: float, solve: list[dict],
+         sweep_n: int) -> None:
+    """The four panels (streams, block size, leaf width, solve) saved to ``path``."""
     fig, axes = new_figure(2, 2, figsize=(12, 8.4))
     axes = axes.ravel()
     ax = axes[0]
@@ -230,7 +243,9 @@ def plot(path, streams: list[dict], sweep: list[dict], sweep_gram: float, solve:
     fig.savefig(path, dpi=120)
 
 
-def report(d, streams, sweep, sweep_gram, solve, cfg, wall: float) -> str:
+def report(d: Path, streams: list[dict], sweep: list[dict], sweep_gram: float, solve: list[dict], cfg: dict,
+           wall: float) -> str:
+    """Write runtime.md to ``d``; returns its tables as markdown."""
     t1 = markdown_table(
         ["n", "rows", "block_rows", "Gram s", "stream R s", "mono QR s", "R / Gram", "R / mono QR", "mono / Gram",
          "Gram GFLOP/s", "R GFLOP/s"],
@@ -254,6 +269,7 @@ def report(d, streams, sweep, sweep_gram, solve, cfg, wall: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark with command-line ``argv``; returns the exit status."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="output folder (default results/runtime)")
     ap.add_argument("--quick", action="store_true", help="n = 256, 512, small streams (≈ 20 s)")

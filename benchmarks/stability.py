@@ -189,7 +189,8 @@ def deviation(curve: Curve, ref: Reference) -> tuple[float, int]:
 
 
 # ---------------------------------------------------------------------------------------------- output
-def _plot(results: list[tuple[Problem, Reference, list[Curve]]], path) -> None:
+def _plot(results: list[tuple[Problem, Reference, list[Curve]]], path: Path) -> None:
+    """Per input: error against rank (top) and distance to the optimum (bottom); saved to ``path``."""
     fig, axes = new_figure(2, len(results), figsize=(4.6 * len(results), 7.5), squeeze=False, sharex="col")
     styles = {"coala": ("C0", "-", 2.0), STREAMED: ("C9", ":", 2.0), "svd-llm": ("C3", "-", 1.2),
               "svd-llm-v2": ("C1", "-", 1.2), "asvd": ("C2", "-", 1.2), "svd": ("C7", "-", 1.2)}
@@ -221,7 +222,8 @@ def _plot(results: list[tuple[Problem, Reference, list[Curve]]], path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def _tables(results) -> tuple[str, str, bool]:
+def _tables(results: list[tuple[Problem, Reference, list[Curve]]]) -> tuple[str, str, bool]:
+    """(inputs table, results table, whether coala met the target on every input)."""
     inputs, rows, coala_ok = [], [], True
     for p, ref, curves in results:
         inputs.append([p.name, p.X.shape[0], f"{p.W.shape[0]} × {p.W.shape[1]}", f"{ref.cond_x:.2e}",
@@ -271,6 +273,7 @@ with random singular vectors adds noise of ~1e-7·‖X‖/√n per entry, which 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark with command-line ``argv``; returns the exit status (1: --check failed)."""
     ap = argparse.ArgumentParser(description=(
         "The paper's Figure 1: relative weighted error ‖(W−W')Xᵀ‖/‖WXᵀ‖ against rank for every method computed in "
         "float32, against the float64 optimum; synthetic and real (MiniLM) inputs. Writes stability.png and "

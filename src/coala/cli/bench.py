@@ -12,6 +12,7 @@ import argparse
 import runpy
 import sys
 from pathlib import Path
+from typing import Any
 
 MISSING = ("benchmarks live in the source repository, not in the installed package: clone it and run "
            "python benchmarks/NAME.py (looked in {places})")
@@ -39,6 +40,7 @@ def names_in(folder: Path) -> list[str]:
 
 
 def _require_dir() -> Path:
+    """``benchmarks_dir()``, or FileNotFoundError saying where benchmarks live and where it looked."""
     folder = benchmarks_dir()
     if folder is None:
         places = ", ".join(str(d) for d in candidate_dirs())
@@ -46,8 +48,8 @@ def _require_dir() -> Path:
     return folder
 
 
-def add_parser(sub) -> None:
-    """Register ``coala bench``."""
+def add_parser(sub: Any) -> None:
+    """Register ``coala bench`` on the ``coala`` sub-command parsers ``sub``."""
     p = sub.add_parser("bench", help="run a benchmark script of the source checkout (benchmarks/NAME.py)",
                        description="Run benchmarks/NAME.py of the source checkout with ARGS; without NAME, list "
                                    "the benchmarks.")
