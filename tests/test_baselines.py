@@ -1,5 +1,5 @@
 """Baselines (svd, asvd, svd-llm, svd-llm-v2) against straightforward float64 renditions of the published
-recipes (design.md §5), written here independently of coala's code."""
+recipes (docs/design.md §5), written here independently of coala's code."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Evaluation with the protocols papers use (design.md §6): perplexity, lm-eval zero-shot tasks, and
+"""Evaluation with the protocols papers use (docs/design.md §8): perplexity, lm-eval zero-shot tasks, and
 embedding fidelity for encoders.
 
 - ``perplexity``: join documents with "\\n\\n", tokenize once, cut non-overlapping windows of ``seqlen`` tokens,

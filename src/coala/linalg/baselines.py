@@ -1,4 +1,4 @@
-"""Baselines as published (design.md §5). Each returns a Decomposition; deviations are documented.
+"""Baselines as published (docs/design.md §5). Each returns a Decomposition; deviations are documented.
 
 All arithmetic is in the compute dtype (float32, or float64 when W and X are float64) except where the
 published recipe says float64 (SVD-LLM's Cholesky and inverse, SVD-LLM V2's eigendecomposition).
@@ -56,8 +56,8 @@ def svd_llm_v2_decomposition(W: Tensor, gram: Tensor) -> BalancedSVD:
     """SVD-LLM V2 truncation (Wang et al. 2025): G = U_s S_s U_sᵀ; D = W U_s S_s^½ = UΣVᵀ;
     W' = U_rΣ_rV_rᵀ S_s^{-½} U_sᵀ.
 
-    The eigendecomposition runs in float64 (then cast to the compute dtype). Deviation (the clamp the
-    design asks us to state; the paper gives none): S_s^{-½} is the pseudo-inverse — eigenvalues
+    The eigendecomposition runs in float64 (then cast to the compute dtype). Deviation (the clamp
+    docs/design.md §5 records; the paper gives none): S_s^{-½} is the pseudo-inverse — eigenvalues
     ≤ n·eps(float64)·λ_max, i.e. zero to the float64 eigensolver's precision (negative ones from the rounding
     of G included), get S_s^{½} = S_s^{-½} = 0. Every other eigenvalue is used as computed, as the recipe
     says, even when G (a float32 sum) is far less accurate than that: a tolerance at G's own rounding level
