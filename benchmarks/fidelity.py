@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
     from _report import machine, markdown_table, new_figure, out_dir, write_markdown
-    from coala.compress import CompressConfig, compress
+    from coala import CalibrationConfig, CompressConfig, RuntimeConfig, compress
     from coala.data import builtin_sentences
     from coala.evaluate import embedding_fidelity, sentence_embeddings
     from coala.models import load_model
@@ -66,9 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         for allocation in allocations:
             m = copy.deepcopy(model)
             t0 = time.perf_counter()
-            cfg = CompressConfig(ratio=ratio, allocation=allocation, nsamples=args.nsamples,
-                                 sensitivity_samples=args.sensitivity_samples, progress=False)
-            report = compress(m, "builtin", cfg, tokenizer=tok)
+            cfg = CompressConfig(ratio=ratio, allocation=allocation, sensitivity_samples=args.sensitivity_samples)
+            report = compress(m, "builtin", cfg, data=CalibrationConfig(nsamples=args.nsamples),
+                              runtime=RuntimeConfig(progress=False), tokenizer=tok)
             seconds = time.perf_counter() - t0
             fid = embedding_fidelity(m, reference, tok, test)
             rows.append({"ratio": ratio, "allocation": allocation, "removed": report.removed_fraction,

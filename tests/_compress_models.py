@@ -59,3 +59,21 @@ def output(model: nn.Module, batch: dict) -> torch.Tensor:
     with torch.no_grad():
         out = model(**batch)
     return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+def settings(**flat) -> dict:
+    """Keyword arguments of ``coala.compress`` from flat settings: each name goes to the config that owns it
+    (``CompressConfig``, ``CalibrationConfig``, ``RuntimeConfig``, ``OutputConfig``); progress bars off."""
+    from dataclasses import fields
+
+    from coala.config import CalibrationConfig, CompressConfig, OutputConfig, RuntimeConfig
+
+    flat = {"progress": False, **flat}
+    out = {}
+    for key, cls in (("config", CompressConfig), ("data", CalibrationConfig), ("runtime", RuntimeConfig),
+                     ("output", OutputConfig)):
+        names = {f.name for f in fields(cls)}
+        out[key] = cls(**{k: flat.pop(k) for k in list(flat) if k in names})
+    if flat:
+        raise TypeError(f"unknown settings {sorted(flat)}")
+    return out

@@ -7,8 +7,24 @@ import torch
 from torch import nn
 
 from _compress_models import ARCHS, batches, build
-from coala.calibrate import BlockWalker, find_blocks, normalize_batches
-from coala.compress import CompressConfig, collect_statistics
+from coala.blocks import catch_block_inputs, find_blocks, normalize_batches
+from coala.compress import collect_statistics
+from coala.config import CompressConfig, RuntimeConfig
+from coala.walker import BlockWalker
+
+QUIET = RuntimeConfig(progress=False)
+
+
+def _last_block_inputs(walker: BlockWalker) -> list[torch.Tensor]:
+    """Walk every block (statistics on, original propagation); the hidden states reaching the last block."""
+    seen: list[torch.Tensor] = []
+
+    def solve(step):
+        if step.index == len(walker) - 1:
+            seen.extend(walker.inputs.hidden(b).clone() for b in range(len(walker.inputs)))
+
+    walker.walk(solve, kinds={"r"})
+    return seen
 
 BLOCKS = {"llama": "model.layers", "mistral": "model.layers", "qwen2": "model.layers",
           "opt": "model.decoder.layers", "gpt2": "transformer.h", "bert": "encoder.layer"}
@@ -20,36 +36,33 @@ def test_blocks_found_and_walk_reproduces_the_forward(kind):
     name, blocks = find_blocks(model)
     assert name == BLOCKS[kind] and len(blocks) == 2
     data = batches(n=2, pad=True)
-    walker = BlockWalker(model, data, progress=False)
-    walker.catch()
-    for i in range(len(walker)):
-        walker.run(i)
-    # the hidden states after the last block are what the model's own forward produced there
+    hidden = _last_block_inputs(BlockWalker(model, data, progress=False))
+    # the hidden states reaching the last block are what the model's own forward feeds it
     seen = {}
-    hook = blocks[-1].register_forward_hook(lambda _m, _a, out: seen.setdefault("h", out[0] if isinstance(
-        out, tuple) else out))
+
+    def record(_module, args, kwargs) -> None:
+        seen.setdefault("h", args[0] if args else kwargs["hidden_states"])
+
+    hook = blocks[-1].register_forward_pre_hook(record, with_kwargs=True)
     try:
         with torch.no_grad():
             model(**data[1])
     finally:
         hook.remove()
     real = data[1]["attention_mask"].bool()
-    torch.testing.assert_close(walker.inputs.hidden(1)[real], seen["h"][real], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(hidden[1][real], seen["h"][real], rtol=1e-6, atol=1e-6)
 
 
 def test_offloaded_hidden_states_are_identical(tmp_path):
     data = batches(n=3, pad=True)
-    walkers = [BlockWalker(build("gpt2"), data, progress=False),
-               BlockWalker(build("gpt2"), data, progress=False, offload_dir=tmp_path / "hidden")]
-    for w in walkers:
-        w.catch()
-        for i in range(len(w)):
-            w.run(i)
-    assert len(list((tmp_path / "hidden").glob("*.safetensors"))) == 3
-    for b in range(3):
-        assert torch.equal(walkers[0].inputs.hidden(b), walkers[1].inputs.hidden(b))
-    walkers[1].close()
-    assert not (tmp_path / "hidden").exists()
+    files = []
+    offloaded = BlockWalker(build("gpt2"), data, progress=False, offload_dir=tmp_path / "hidden")
+    offloaded.walk(lambda step: files.extend((tmp_path / "hidden").glob("*.safetensors")), kinds={"r"})
+    assert len(set(files)) == 3 and not (tmp_path / "hidden").exists()  # removed after the walk
+    offloaded = BlockWalker(build("gpt2"), data, progress=False, offload_dir=tmp_path / "hidden")
+    in_memory = BlockWalker(build("gpt2"), data, progress=False)
+    for a, b in zip(_last_block_inputs(in_memory), _last_block_inputs(offloaded), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_largest_repeated_modulelist_wins():
@@ -67,8 +80,7 @@ def test_largest_repeated_modulelist_wins():
 
 def test_block0_kwargs_are_kept_and_shared_across_batches():
     model = build("llama")
-    walker = BlockWalker(model, batches(n=3), progress=False)
-    inputs = walker.catch()
+    inputs = catch_block_inputs(model, find_blocks(model)[1][0], batches(n=3), progress=False)
     assert len(inputs) == 3
     kw = inputs.kwargs
     assert "position_embeddings" in kw[0]
@@ -81,7 +93,7 @@ def test_block0_kwargs_are_kept_and_shared_across_batches():
 @pytest.mark.parametrize("kind", ARCHS)
 def test_shared_inputs_are_captured_once(kind):
     model = build(kind, layers=3)
-    stats = collect_statistics(model, batches(n=1), CompressConfig(progress=False))
+    stats = collect_statistics(model, batches(n=1), runtime=QUIET)
     distinct = {id(s) for s in stats.values()}
     # per block: q/k/v (one input), attention output, MLP in (gate/up share it), MLP out
     assert len(distinct) == 4 * 3
@@ -102,11 +114,11 @@ def test_padding_rows_do_not_change_R():
         n = int(padded["attention_mask"][row].sum())
         singles.append({"input_ids": padded["input_ids"][row : row + 1, :n],
                         "attention_mask": torch.ones(1, n, dtype=torch.long)})
-    cfg = CompressConfig(progress=False, stats_dtype="float64")
+    cfg = CompressConfig(stats_dtype="float64")
     model.double()
-    a = collect_statistics(model, [padded], cfg)
-    b = collect_statistics(model, [other_pad], cfg)
-    c = collect_statistics(model, singles, cfg)
+    a = collect_statistics(model, [padded], cfg, runtime=QUIET)
+    b = collect_statistics(model, [other_pad], cfg, runtime=QUIET)
+    c = collect_statistics(model, singles, cfg, runtime=QUIET)
     real_tokens = int(padded["attention_mask"].sum())
     for name in a:
         assert a[name].num_rows == c[name].num_rows == real_tokens
@@ -119,7 +131,7 @@ def test_nan_activations_name_the_layer():
     with torch.no_grad():
         model.model.layers[1].post_attention_layernorm.weight[0] = float("nan")
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.gate_proj.*non-finite"):
-        collect_statistics(model, batches(n=1), CompressConfig(progress=False))
+        collect_statistics(model, batches(n=1), runtime=QUIET)
 
 
 def test_targets_are_validated_inside_blocks():

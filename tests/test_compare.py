@@ -8,10 +8,9 @@ import csv
 import pytest
 import torch
 
-from coala.compare import CompareConfig, _plan, _swap, compare, results_markdown, write_results
-from coala.compress import CompressConfig, apply_low_rank, collect_statistics
-from coala.linalg.methods import decompose
-from coala.lowrank import dense_weight, linear_shape
+from coala.compare import CompareConfig, compare, results_markdown, write_results
+from coala.compress import apply_low_rank, collect_statistics, decompose_layers
+from coala.config import CalibrationConfig, CompressConfig, RuntimeConfig
 from conftest import tiny_llama_lm
 
 
@@ -26,10 +25,14 @@ def tiny_llama(tokenizer):
     return tiny_llama_lm(tokenizer.vocab_size, hidden=32, max_position_embeddings=128, initializer_range=0.5)
 
 
-def _config(**kw) -> CompareConfig:
-    base = dict(methods=["coala", "svd-llm-v2", "svd"], ratios=[0.3, 0.6], evals=["ppl:builtin"],
-                nsamples=8, seqlen=64, ppl_seqlen=64, progress=False)
-    return CompareConfig(**{**base, **kw})
+QUIET = RuntimeConfig(progress=False)
+
+
+def _config(**kw) -> dict:
+    """Keyword arguments of ``compare``: a small CompareConfig, 8 samples × 64 tokens, no progress bars."""
+    base = dict(methods=["coala", "svd-llm-v2", "svd"], ratios=[0.3, 0.6], evals=["ppl:builtin"], ppl_seqlen=64)
+    return {"config": CompareConfig(**{**base, **kw}), "data": CalibrationConfig(nsamples=8, seqlen=64),
+            "runtime": QUIET}
 
 
 def test_compare_runs_one_calibration_pass_and_writes_table(tiny_llama, tokenizer, tmp_path, monkeypatch):
@@ -45,7 +48,7 @@ def test_compare_runs_one_calibration_pass_and_writes_table(tiny_llama, tokenize
     monkeypatch.setattr(cmp, "collect_statistics", counting_collect)
     text = tmp_path / "eval.txt"
     text.write_text("\n\n".join(builtin_texts("test")[:2])[:6000])
-    result = compare(tiny_llama, tokenizer, _config(evals=[f"ppl:{text}"]))
+    result = compare(tiny_llama, tokenizer, **_config(evals=[f"ppl:{text}"]))
     assert passes == [["coala", "svd-llm-v2", "svd"]]  # one pass for all methods and ratios
     assert len(result.rows) == 1 + 3 * 2 and result.rows[0]["method"] == "original"
     for row in result.rows[1:]:
@@ -59,17 +62,18 @@ def test_compare_runs_one_calibration_pass_and_writes_table(tiny_llama, tokenize
 
 
 def test_one_decomposition_gives_the_same_layers_as_a_per_ratio_solve(tiny_llama, tokenizer):
-    cc = CompressConfig(nsamples=8, seqlen=64, progress=False)
-    stats = collect_statistics(tiny_llama, "builtin", cc, methods=["coala", "svd-llm-v2"], tokenizer=tokenizer)
-    shapes = {n: linear_shape(tiny_llama.get_submodule(n)) for n in stats}
+    data = CalibrationConfig(nsamples=8, seqlen=64)
+    stats = collect_statistics(tiny_llama, "builtin", methods=["coala", "svd-llm-v2"], data=data, runtime=QUIET,
+                               tokenizer=tokenizer)
     for method in ("coala", "svd-llm-v2"):
-        decs = {n: decompose(dense_weight(tiny_llama.get_submodule(n)).detach(), stats[n], method=method)
-                for n in stats}
+        decs = decompose_layers(tiny_llama, stats, CompressConfig(method=method), progress=False)
         for ratio in (0.3, 0.6):
             ours = copy.deepcopy(tiny_llama)
-            _swap(ours, decs, _plan(method, decs, shapes, ratio), stats)
+            apply_low_rank(ours, stats, CompressConfig(method=method, ratio=ratio), decompositions=decs,
+                           progress=False)
             theirs = copy.deepcopy(tiny_llama)
-            apply_low_rank(theirs, stats, method=method, ratio=ratio, progress=False)
+            report = apply_low_rank(theirs, stats, CompressConfig(method=method, ratio=ratio), progress=False)
+            assert report.allocation == ("svd-llm-v2" if method == "svd-llm-v2" else "uniform")
             ids = torch.randint(0, tokenizer.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
             with torch.no_grad():
                 torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
@@ -77,9 +81,11 @@ def test_one_decomposition_gives_the_same_layers_as_a_per_ratio_solve(tiny_llama
 
 def test_compare_bad_input(tiny_llama, tokenizer):
     with pytest.raises(ValueError, match="ratio"):
-        compare(tiny_llama, tokenizer, _config(ratios=[0.2, 1.5]))
+        _config(ratios=[0.2, 1.5])
     with pytest.raises(ValueError, match="unknown --eval"):
-        compare(tiny_llama, tokenizer, _config(evals=["bleu"], ratios=[0.5], methods=["svd"]))
+        _config(evals=["bleu"], ratios=[0.5], methods=["svd"])
+    with pytest.raises(ValueError, match="mu"):  # μ given, but no compared method uses it
+        _config(methods=["svd", "asvd"], mu=1.0)
 
 
 def test_markdown_bolds_the_best_per_ratio():

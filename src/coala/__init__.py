@@ -1,5 +1,9 @@
 """coala: context-aware low-rank approximation of neural networks (COALA, inversion-free and streaming)."""
 
+from .allocate import ALLOCATIONS, register_allocation
+from .compress import apply_low_rank, collect_statistics, compress, decompose_layers
+from .config import CalibrationConfig, CompressConfig, OutputConfig, RuntimeConfig
+from .io import load
 from .linalg import (
     METHODS,
     ActivationStats,
@@ -9,25 +13,27 @@ from .linalg import (
     decompose,
     truncation_loss,
 )
-
-__version__ = "0.1.0"
-
-from .compress import CompressConfig, apply_low_rank, collect_statistics, compress
-from .io import load
+from .version import __version__
 
 __all__ = [
+    "ALLOCATIONS",
     "METHODS",
     "ActivationStats",
+    "CalibrationConfig",
     "CompressConfig",
     "Decomposition",
+    "OutputConfig",
     "RFactor",
+    "RuntimeConfig",
     "__version__",
     "apply_low_rank",
     "approximate",
     "collect_statistics",
     "compress",
     "decompose",
+    "decompose_layers",
     "load",
+    "register_allocation",
     "truncation_loss",
 ]
 

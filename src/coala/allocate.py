@@ -13,12 +13,21 @@ Edge decisions (documented, never silent):
     dense and the rank is reported as None.
   * ratio must lie strictly inside (0, 1); anything else raises ValueError naming ``ratio``.
 Biases are never counted: they are kept as they are.
+
+Allocations are a registry (``ALLOCATIONS``, ``register_allocation``): each is one function from per-layer
+evidence (shapes, and when it asks for them truncation-loss curves or measured sensitivities) to ranks. The
+pipeline gathers the evidence an allocation ``needs`` and the CLI reads the names from the registry.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
 
 from .lowrank import low_rank_params
 
@@ -184,3 +193,84 @@ def achieved(
         report["model_params_after"] = model_params - (before - after)
         report["model_removed_fraction"] = (before - after) / model_params if model_params else 0.0
     return report
+
+
+# ---------------------------------------------------------------------------------------------- the registry
+@dataclass
+class LayerEvidence:
+    """What an allocation may know about one targeted (out × in) matrix.
+
+    ``kind``: its name inside the block ("self_attn.q_proj"), the group of same-type matrices across blocks.
+    ``tail_loss``: loss[r] for r = 0..min(out, in), the truncation loss of rank r as the method measures it
+    (for COALA ‖(W − W'_r)Xᵀ‖²_F; float64, on the CPU), from one decomposition of the original weight.
+    ``sensitivity``: a ``coala.sensitivity.SensitivityCurve`` (measured output change when truncated alone).
+    Each is filled only when the allocation declares it ``needs`` it.
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, int]
+    tail_loss: Tensor | None = None
+    sensitivity: Any = None
+
+
+AllocateFn = Callable[[Mapping[str, LayerEvidence], float], dict[str, "int | None"]]
+EVIDENCE = ("tail_loss", "sensitivity")
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """A rank allocation: ``allocate(evidence, ratio) -> {name: rank or None (dense)}`` removing ``ratio`` of the
+    targeted parameters, and the evidence it ``needs`` beyond the shapes (a subset of ``EVIDENCE``)."""
+
+    name: str
+    allocate: AllocateFn
+    needs: frozenset[str] = frozenset()
+
+
+ALLOCATIONS: dict[str, Allocation] = {}
+
+
+def register_allocation(name: str, *, needs: Iterable[str] = ()) -> Callable[[AllocateFn], AllocateFn]:
+    """Decorator: make ``fn(evidence, ratio) -> plan`` available as ``CompressConfig(allocation=name)`` and
+    ``coala compress --allocation NAME``. ``needs``: evidence to gather first ("tail_loss", "sensitivity")."""
+    needs = frozenset(needs)
+    if needs - set(EVIDENCE):
+        raise ValueError(f"allocation {name!r}: unknown evidence {sorted(needs - set(EVIDENCE))}; choose from "
+                         f"{EVIDENCE}")
+
+    def register(fn: AllocateFn) -> AllocateFn:
+        if name in ALLOCATIONS or name == "auto":
+            raise ValueError(f"allocation {name!r} is already registered")
+        ALLOCATIONS[name] = Allocation(name, fn, needs)
+        return fn
+
+    return register
+
+
+def allocation_names() -> list[str]:
+    return sorted(ALLOCATIONS)
+
+
+def get_allocation(name: str) -> Allocation:
+    if name not in ALLOCATIONS:
+        raise ValueError(f"unknown allocation {name!r}; choose from {allocation_names()}")
+    return ALLOCATIONS[name]
+
+
+@register_allocation("uniform")
+def uniform_allocation(evidence: Mapping[str, LayerEvidence], ratio: float) -> dict[str, int | None]:
+    """The same ratio for every matrix (docs/design.md §6)."""
+    return uniform_ranks({name: e.shape for name, e in evidence.items()}, ratio)
+
+
+@register_allocation("svd-llm-v2", needs=("tail_loss",))
+def svd_llm_v2_allocation(evidence: Mapping[str, LayerEvidence], ratio: float) -> dict[str, int | None]:
+    """SVD-LLM V2's per-group ratios from each matrix's truncation loss at the uniform rank
+    (``svd_llm_v2_ratios``); a matrix that the uniform ratio leaves dense stays dense."""
+    uniform = uniform_allocation(evidence, ratio)
+    cut = [name for name in evidence if uniform[name] is not None]
+    losses = {name: float(evidence[name].tail_loss[uniform[name]]) for name in cut}
+    ratios = svd_llm_v2_ratios(losses, {name: evidence[name].kind for name in cut}, ratio)
+    ranks = ranks_for_ratios({name: evidence[name].shape for name in cut}, ratios)
+    return {name: ranks.get(name) for name in evidence}

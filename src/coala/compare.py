@@ -13,46 +13,77 @@ import math
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocate import achieved, uniform_ranks
-from .compress import CompressConfig, collect_statistics
-from .layer_solve import _v2_from_losses, weighted_error
-from .linalg.methods import decompose
-from .lowrank import LowRankLinear, dense_bias, dense_weight, linear_shape, replace_module
+from .allocate import achieved, allocation_names
+from .compress import collect_statistics, decompose_layers
+from .config import STATS_DTYPES, CalibrationConfig, CompressConfig, RuntimeConfig, csv_floats, csv_names, option
+from .layer_solve import solve_layers
+from .linalg.methods import get_method
+from .planning import plan_from_decompositions
 from .plotting import PLOT_EXTRA_HINT, machine, new_figure
 
 # Which way is better for each metric kind (for the bold "best" cells).
 HIGHER_IS_BETTER = {"ppl": False, "cos_mean": True, "cos_p05": True, "task": True, "weighted_err": False}
 
 
-@dataclass
+@dataclass(frozen=True)
 class CompareConfig:
-    """Settings of ``compare``.
+    """Settings of ``compare`` (the calibration sampling and the runtime come as ``CalibrationConfig`` /
+    ``RuntimeConfig``, as for ``compress``).
 
-    evals: "ppl:SOURCE" (perplexity on a source's test split), "fidelity" (embedding cosine on the built-in
-    held-out sentences), "task:NAME" (lm-eval zero-shot, with ``limit``).
+    ``evals``: "ppl:SOURCE" (perplexity on a source's test split), "fidelity" (embedding cosine on the built-in
+    held-out sentences), "task:NAME" (lm-eval zero-shot, with ``limit``); None: ppl:builtin for models with
+    logits, fidelity for encoders. ``allocation`` as in ``CompressConfig`` ("auto": each method's own).
     """
 
-    methods: list[str] = field(default_factory=lambda: ["coala", "svd-llm", "svd-llm-v2", "asvd", "svd"])
-    ratios: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.6])
-    evals: list[str] | None = None
-    mu: float = 0.0
-    adaptive_mu: bool = False
-    calibration: str = "builtin"
-    nsamples: int = 256
-    seqlen: int = 2048
-    seed: int = 0
-    targets: list[str] | None = None
-    device: str | None = None
-    ppl_seqlen: int = 2048
-    limit: float | None = None
-    batch_size: int = 32
-    progress: bool = True
+    methods: tuple[str, ...] = option(("coala", "svd-llm", "svd-llm-v2", "asvd", "svd"), "methods to compare",
+                                      parse=csv_names)
+    ratios: tuple[float, ...] = option((0.2, 0.4, 0.6), "fractions of the targeted parameters removed",
+                                       parse=csv_floats)
+    evals: tuple[str, ...] | None = option(
+        None, "ppl:SOURCE, fidelity, task:NAME (default: ppl:builtin for LMs, fidelity for encoders)",
+        parse=csv_names, flag="--eval")
+    mu: float = option(0.0, "COALA regularisation weight mu >= 0", parse=float)
+    adaptive_mu: bool = option(False, "the paper's adaptive mu rule (COALA)")
+    targets: tuple[str, ...] | None = option(None, "comma-separated linear layer names inside the blocks",
+                                             parse=csv_names)
+    allocation: str = option("auto", "rank allocation (auto: each method's own)",
+                             choices=lambda: ["auto", *allocation_names()])
+    stats_dtype: str = option("float32", "accumulation dtype of the statistics", choices=lambda: STATS_DTYPES)
+    ppl_seqlen: int = option(2048, "perplexity window length", parse=int)
+    limit: float | None = option(None, "lm-eval examples per task", parse=float)
+    eval_batch_size: int = option(32, "sentences per batch for the fidelity evaluation", parse=int)
+
+    def __post_init__(self) -> None:
+        for name in ("methods", "ratios", "evals"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                raise TypeError(f"{name} must be a list, not the string {value!r}")
+            if value is not None:
+                object.__setattr__(self, name, tuple(value))
+        for r in self.ratios:
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 < r < 1.0:
+                raise ValueError(f"every ratio must be strictly between 0 and 1, got {r!r}")
+        for spec in self.evals or ():
+            if spec.partition(":")[0] not in ("ppl", "fidelity", "task"):
+                raise ValueError(f"unknown --eval item {spec!r}: use ppl:SOURCE, fidelity or task:NAME")
+        if (self.mu or self.adaptive_mu) and not any(get_method(m).uses_mu for m in self.methods):
+            raise ValueError(f"mu / adaptive_mu apply to method 'coala' only, and none of {self.methods} is it")
+        for method in self.methods:  # every (method, ratio) must be a valid CompressConfig: checked up front
+            for ratio in self.ratios:
+                self.compress_config(method, ratio)
+
+    def compress_config(self, method: str, ratio: float) -> CompressConfig:
+        """The ``CompressConfig`` of one cell of the table (μ applies to coala only)."""
+        mu = {"mu": self.mu, "adaptive_mu": self.adaptive_mu} if get_method(method).uses_mu else {}
+        return CompressConfig(ratio=ratio, method=method, targets=self.targets, allocation=self.allocation,
+                              stats_dtype=self.stats_dtype, **mu)
 
 
 @dataclass
@@ -86,7 +117,7 @@ def _evaluate(model: nn.Module, tokenizer, evals: Sequence[str], config: Compare
             out[f"ppl:{arg or 'builtin'}"] = res.ppl
         elif kind == "fidelity":
             fid = embedding_fidelity(model, ref_emb, tokenizer, builtin_sentences("test"),
-                                     batch_size=config.batch_size)
+                                     batch_size=config.eval_batch_size)
             out["cos_mean"], out["cos_p05"] = fid.mean_cosine, fid.p05_cosine
         elif kind == "task":
             res = lm_eval_tasks(model, tokenizer, [arg], limit=config.limit, batch_size=1)
@@ -101,73 +132,52 @@ def default_evals(model: nn.Module) -> list[str]:
     return ["ppl:builtin"] if causal else ["fidelity"]
 
 
-def _plan(method: str, decs: dict, shapes: dict, ratio: float) -> dict[str, int | None]:
-    uniform = uniform_ranks(shapes, ratio)
-    if method != "svd-llm-v2":
-        return uniform
-    losses = {n: float(d.S[uniform[n]:].double().square().sum()) for n, d in decs.items() if uniform[n] is not None}
-    return _v2_from_losses(losses, uniform, shapes, None, ratio)
-
-
-def _swap(model: nn.Module, decs: dict, plan: dict[str, int | None], stats: dict) -> float:
-    """Put the planned low-rank layers into ``model`` (a copy); returns the mean relative weighted error."""
-    errs = []
-    for name, rank in plan.items():
-        if rank is None:
-            continue
-        module = model.get_submodule(name)
-        W = dense_weight(module).detach()
-        A, B = decs[name].factors(rank)
-        errs.append(weighted_error(W, A, B, stats[name])[1])
-        bias = dense_bias(module)
-        new = LowRankLinear.from_factors(A.to(W.dtype), B.to(W.dtype), None if bias is None else bias.detach(),
-                                         dtype=W.dtype)
-        replace_module(model, name, new.to(W.device))
-    valid = [e for e in errs if e is not None]
-    return sum(valid) / len(valid) if valid else float("nan")
-
-
-def compare(model: nn.Module, tokenizer, config: CompareConfig) -> CompareResult:
-    """Every method × ratio from one calibration pass; rows hold the metrics, plus the original model's row."""
-    for r in config.ratios:
-        if not 0.0 < r < 1.0:
-            raise ValueError(f"every ratio must be strictly between 0 and 1, got {r}")
-    evals = config.evals or default_evals(model)
+def compare(model: nn.Module, tokenizer, config: CompareConfig | None = None, *, calibration="builtin",
+            data: CalibrationConfig | None = None, runtime: RuntimeConfig | None = None) -> CompareResult:
+    """Every method × ratio from one calibration pass over ``model`` (left unchanged); rows hold the metrics,
+    the first row is the original model's."""
+    config = config or CompareConfig()
+    runtime = runtime or RuntimeConfig()
+    evals = list(config.evals or default_evals(model))
     t0 = time.perf_counter()
-    cc = CompressConfig(method="coala", mu=config.mu, adaptive_mu=config.adaptive_mu, targets=config.targets,
-                        nsamples=config.nsamples, seqlen=config.seqlen, seed=config.seed, device=config.device,
-                        progress=config.progress, error_stats=True)
-    stats = collect_statistics(model, config.calibration, cc, methods=config.methods, tokenizer=tokenizer)
+    base = config.compress_config(config.methods[0], config.ratios[0])
+    stats = collect_statistics(model, calibration, base, methods=list(config.methods), data=data, runtime=runtime,
+                               tokenizer=tokenizer)
     times = {"calibration_s": time.perf_counter() - t0, "solve_s": 0.0, "eval_s": 0.0}
     ref_emb = None
     if "fidelity" in evals:
         from .data import builtin_sentences
         from .evaluate import sentence_embeddings
 
-        ref_emb = sentence_embeddings(model, tokenizer, builtin_sentences("test"), batch_size=config.batch_size)
-    shapes = {name: linear_shape(model.get_submodule(name)) for name in stats}
+        ref_emb = sentence_embeddings(model, tokenizer, builtin_sentences("test"), batch_size=config.eval_batch_size)
+    layers = {name: model.get_submodule(name) for name in stats}
     t = time.perf_counter()
     rows = [{"method": "original", "ratio": 0.0, "removed": 0.0, "weighted_err": 0.0,
              **_evaluate(model, tokenizer, evals, config, ref_emb)}]
     times["eval_s"] += time.perf_counter() - t
-    bar = tqdm(total=len(config.methods) * len(config.ratios), desc="compare", disable=not config.progress)
+    bar = tqdm(total=len(config.methods) * len(config.ratios), desc="compare", disable=not runtime.progress)
     for method in config.methods:
         t = time.perf_counter()
-        mu_kw = {"mu": config.mu, "adaptive_mu": config.adaptive_mu} if method == "coala" else {}
-        decs = {name: decompose(dense_weight(model.get_submodule(name)).detach(), stats[name], method=method,
-                                name=name, **mu_kw) for name in stats}
+        decs = decompose_layers(model, stats, config.compress_config(method, config.ratios[0]), device=runtime.device,
+                                progress=runtime.progress)
         times["solve_s"] += time.perf_counter() - t
         for ratio in config.ratios:
             t = time.perf_counter()
-            plan = _plan(method, decs, shapes, ratio)
-            candidate = copy.deepcopy(model)
-            err = _swap(candidate, decs, plan, stats)
+            cell = config.compress_config(method, ratio)
+            with torch.no_grad():
+                plan = plan_from_decompositions(model, layers, cell, decs)
+                candidate = copy.deepcopy(model)
+                report_rows, _ = solve_layers(candidate, layers, stats, plan, cell, device=runtime.device,
+                                              decompositions=decs, progress=False)
+            errors = [r.rel_error for r in report_rows if r.rank is not None and r.rel_error is not None]
             times["solve_s"] += time.perf_counter() - t
             t = time.perf_counter()
             metrics = _evaluate(candidate, tokenizer, evals, config, ref_emb)
             times["eval_s"] += time.perf_counter() - t
-            removed = achieved(shapes, plan)["removed_fraction"]
-            rows.append({"method": method, "ratio": ratio, "removed": removed, "weighted_err": err, **metrics})
+            removed = achieved({r.name: (r.out_features, r.in_features) for r in report_rows},
+                               {r.name: r.rank for r in report_rows})["removed_fraction"]
+            rows.append({"method": method, "ratio": ratio, "removed": removed,
+                         "weighted_err": sum(errors) / len(errors) if errors else float("nan"), **metrics})
             del candidate
             bar.update(1)
     bar.close()

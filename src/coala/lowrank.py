@@ -167,6 +167,18 @@ def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def install_low_rank(root: nn.Module, name: str, A: Tensor, B: Tensor, bias: Tensor | None = None) -> LowRankLinear:
+    """Replace the linear layer at dotted path ``name`` by a ``LowRankLinear`` computing x (AB)ᵀ + bias, with A
+    (out × rank) and B (rank × in) cast to the replaced layer's dtype and placed on its device. Returns the new
+    layer. The one place where coala builds and swaps in a low-rank layer."""
+    W = dense_weight(root.get_submodule(name))
+    new = LowRankLinear.from_factors(A.to(W.dtype), B.to(W.dtype), None if bias is None else bias.detach(),
+                                     dtype=W.dtype)
+    new = new.to(W.device)
+    replace_module(root, name, new)
+    return new
+
+
 def _same_tensor(a: Tensor, b: Tensor) -> bool:
     if a is b:
         return True

@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .allocate import rank_for_ratio
-from .calibrate import no_kv_cache
+from .allocate import LayerEvidence, rank_for_ratio, register_allocation
+from .blocks import no_kv_cache
 from .evaluate import mean_pool
-from .linalg.decomposition import Decomposition, tail_sums_of_squares
+from .linalg.decomposition import Decomposition
 from .lowrank import _is_conv1d, dense_weight
 
 PROBE_RATIOS = (0.2, 0.4, 0.6, 0.8)
@@ -79,8 +79,7 @@ class SensitivityCurve:
 
 
 def _loss_fraction(dec: Decomposition) -> list[float]:
-    tails = dec.truncation_loss() if hasattr(dec, "truncation_loss") else tail_sums_of_squares(dec.S, dec.max_rank + 1)
-    tails = tails[: dec.max_rank + 1].to(torch.float64)
+    tails = dec.truncation_loss()[: dec.max_rank + 1].to(torch.float64)
     total = float(tails[0])
     return (tails / total).tolist() if total > 0 else [0.0] * int(tails.shape[0])
 
@@ -128,6 +127,23 @@ def outputs(model: nn.Module, batches: Sequence[dict[str, Tensor]]) -> Tensor:
             else:
                 outs.append(F.normalize(mean_pool(out.last_hidden_state, mask), dim=-1))
     return torch.cat(outs)
+
+
+@dataclass
+class Probe:
+    """The probe set: the first ``nsamples`` calibration samples, the original model's ``outputs`` on them, and
+    the ratios at which each matrix is truncated."""
+
+    batches: list[dict[str, Tensor]]
+    reference: Tensor
+    ratios: tuple[float, ...] = PROBE_RATIOS
+
+    @classmethod
+    def build(cls, model: nn.Module, batches: Sequence[dict[str, Tensor]], nsamples: int,
+              ratios: Sequence[float] = PROBE_RATIOS) -> Probe:
+        """Run the (still original) ``model`` once on the probe samples."""
+        probe = first_samples(batches, nsamples)
+        return cls(probe, outputs(model, probe), tuple(ratios))
 
 
 def output_change(model: nn.Module, batches: Sequence[dict[str, Tensor]], reference: Tensor, where: str = "") -> float:
@@ -232,3 +248,11 @@ def _spend_leftover(plan: dict, options: dict, left: float) -> None:
         ranks, _, params = options[name]
         left -= float(params[j] - params[index[name]])
         index[name], plan[name] = j, ranks[j]
+
+
+@register_allocation("sensitivity", needs=("sensitivity",))
+def sensitivity_allocation(evidence: Mapping[str, LayerEvidence], ratio: float) -> dict[str, int | None]:
+    """ASVD-style sensitivity allocation (this module's docstring): ranks from the measured curves; a matrix
+    without a curve stays dense."""
+    curves = {name: e.sensitivity for name, e in evidence.items() if e.sensitivity is not None}
+    return allocate(curves, ratio, {name: e.shape for name, e in evidence.items()})

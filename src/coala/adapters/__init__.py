@@ -8,12 +8,13 @@ plain LoRA on the original base.
 
 from .context import collect_input_factors, text_batches
 from .corda import corda_decompose
-from .initialize import INIT_METHODS, init_lora
+from .initialize import init_lora
 from .ipm_kpm import MODES, balanced_factors, coala_lora_factors, plain_svd_factors
+from .registry import LORA_INITS, register_lora_init
 from .save import convert_to_lora, load_lora, save_lora
 
 __all__ = [
-    "INIT_METHODS",
+    "LORA_INITS",
     "MODES",
     "balanced_factors",
     "coala_lora_factors",
@@ -23,6 +24,7 @@ __all__ = [
     "init_lora",
     "load_lora",
     "plain_svd_factors",
+    "register_lora_init",
     "save_lora",
     "text_batches",
 ]

@@ -22,8 +22,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
 
 from .context import Batch, model_device, single_sequences
-from .ipm_kpm import check_mode
+from .ipm_kpm import MODES, check_mode
 from .peft_bridge import check_lora_config
+from .registry import register_lora_init
 
 
 @dataclass
@@ -61,12 +62,14 @@ def corda_decompose(W: Tensor, C: Tensor, *, damp: float = 0.01, tol: float = 0.
     return CordaFactors(U=U, S=S, V=(Vh @ inv).T, damp=damp, inverse_error=err)
 
 
+@register_lora_init("corda", context=True, modes=MODES)
 def corda_peft_model(
     model: nn.Module,
     calibration: Iterable[Batch],
     config: LoraConfig,
     *,
     mode: str = "ipm",
+    **_unused,
 ) -> PeftModel:
     """CorDA through peft: ``preprocess_corda`` on the calibration data, then ``get_peft_model`` with
     ``init_lora_weights="corda"``. Mutates ``model`` like ``get_peft_model`` does."""

@@ -1,5 +1,6 @@
 """``init_lora``: one entry point for context-aware (coala IPM/KPM, CorDA) and context-free (PiSSA, MiLoRA,
-plain LoRA) adapter initialisation, all returning a ``peft.PeftModel``."""
+plain LoRA) adapter initialisation, all returning a ``peft.PeftModel``. The methods are the entries of
+``coala.adapters.registry.LORA_INITS``; "coala" and "lora" are registered here, the others in their modules."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from peft import LoraConfig, PeftModel
 from torch import nn
 
 from ..linalg.checks import check_mu, check_rank
+from . import corda, pissa  # noqa: F401  (their methods register themselves)
 from .context import Batch, collect_input_factors
-from .corda import corda_peft_model
-from .ipm_kpm import check_mode, coala_lora_factors
+from .ipm_kpm import MODES, coala_lora_factors
 from .peft_bridge import (
     adapter_rank_and_scaling,
     base_layer,
@@ -23,10 +24,7 @@ from .peft_bridge import (
     set_lora_factors,
     weight_out_in,
 )
-from .pissa import milora_peft_model, pissa_peft_model
-
-INIT_METHODS = ("coala", "corda", "pissa", "milora", "lora")
-_CONTEXT_METHODS = ("coala", "corda")
+from .registry import LORA_INITS, get_lora_init, register_lora_init
 
 
 def init_lora(
@@ -62,42 +60,47 @@ def init_lora(
     At initialisation the returned model computes what ``model`` computed (to the rounding of the residual
     base weights). The product of each coala adapter is U_rU_rᵀW (see ``coala.adapters.ipm_kpm``).
     """
-    if method not in INIT_METHODS:
-        raise ValueError(f"method must be one of {INIT_METHODS}, got {method!r}")
-    if method in _CONTEXT_METHODS:
-        mode = check_mode("ipm" if mode is None else mode)
+    spec = get_lora_init(method)
+    if spec.modes:
+        mode = mode if mode is not None else spec.modes[0]
+        if mode not in spec.modes:
+            raise ValueError(f"mode must be one of {spec.modes}, got {mode!r}")
+    elif mode is not None:
+        raise ValueError(f"mode applies to {[n for n, s in sorted(LORA_INITS.items()) if s.modes]} only, not to "
+                         f"{method!r}")
+    if spec.context:
         if calibration is None:
             raise ValueError(f"method {method!r} needs calibration data")
-    else:
-        if mode is not None:
-            raise ValueError(f"mode applies to 'coala' and 'corda' only, not to {method!r}")
-        if calibration is not None:
-            raise ValueError(f"method {method!r} is context-free: pass calibration=None")
+    elif calibration is not None:
+        raise ValueError(f"method {method!r} is context-free: pass calibration=None")
     mu = check_mu(mu, "init_lora")
-    if mu != 0.0 and method != "coala":
+    if mu != 0.0 and not spec.uses_mu:
         raise ValueError(f"mu applies to method 'coala' only, not to {method!r}")
     check_lora_config(lora_config)
     was_training = model.training
-
-    if method == "corda":
-        peft_model = corda_peft_model(model, calibration, lora_config, mode=mode)
-    elif method == "pissa":
-        peft_model = pissa_peft_model(model, lora_config)
-    elif method == "milora":
-        peft_model = milora_peft_model(model, lora_config)
-    elif method == "lora":
-        peft_model = create_peft_model(model, lora_config, init_lora_weights=True)
-    else:
-        if stats_dtype is None:
-            stats_dtype = torch.float64 if mode == "kpm" else torch.float32
-        peft_model = _coala(model, calibration, lora_config, mode, mu, stats_dtype, solve_dtype, progress)
+    peft_model = spec.build(model, calibration, lora_config, mode=mode, mu=mu, stats_dtype=stats_dtype,
+                            solve_dtype=solve_dtype, progress=progress)
     peft_model.train(was_training)  # peft leaves the model in training mode; keep the caller's mode
+    used = getattr(peft_model, "coala_init", {}).get("stats_dtype", stats_dtype)  # the builder's resolved dtype
     peft_model.coala_init = {"method": method, "mode": mode, "mu": mu,
-                             "stats_dtype": str(stats_dtype).removeprefix("torch.") if stats_dtype else None}
+                             "stats_dtype": str(used).removeprefix("torch.") if used else None}
     return peft_model
 
 
-def _coala(model, calibration, lora_config, mode: str, mu: float, stats_dtype, solve_dtype, progress: bool):
+@register_lora_init("lora")
+def plain_lora(model: nn.Module, calibration: None, lora_config: LoraConfig, **_unused) -> PeftModel:
+    """peft's default LoRA initialisation (B = 0, A random): the model's outputs are unchanged at step 0."""
+    return create_peft_model(model, lora_config, init_lora_weights=True)
+
+
+@register_lora_init("coala", context=True, modes=MODES, uses_mu=True)
+def coala_lora(model: nn.Module, calibration: Iterable[Batch], lora_config: LoraConfig, *, mode: str, mu: float,
+               stats_dtype: torch.dtype, solve_dtype: torch.dtype, progress: bool) -> PeftModel:
+    """coala's inversion-free IPM / KPM adapters (``coala.adapters.ipm_kpm``), every layer solved before any
+    weight is touched. ``stats_dtype`` None: float32 for IPM, float64 for KPM (KPM's bottom directions sit near
+    the rounding floor of float32 statistics)."""
+    if stats_dtype is None:
+        stats_dtype = torch.float64 if mode == "kpm" else torch.float32
     peft_model = create_peft_model(model, lora_config, init_lora_weights=True)  # B = 0: outputs unchanged
     try:
         layers = lora_layers(peft_model)
@@ -124,4 +127,5 @@ def _coala(model, calibration, lora_config, mode: str, mu: float, stats_dtype, s
     with torch.no_grad():
         for name, (B, A) in factors.items():
             set_lora_factors(layers[name], B, A, name=name)
+    peft_model.coala_init = {"stats_dtype": stats_dtype}
     return peft_model

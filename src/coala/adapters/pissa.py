@@ -18,14 +18,17 @@ from .peft_bridge import (
     set_lora_factors,
     weight_out_in,
 )
+from .registry import register_lora_init
 
 
-def pissa_peft_model(model: nn.Module, config: LoraConfig) -> PeftModel:
+@register_lora_init("pissa")
+def pissa_peft_model(model: nn.Module, calibration: None, config: LoraConfig, **_unused) -> PeftModel:
     """PiSSA via peft (full SVD of each targeted weight, top r triplets in the adapter)."""
     return create_peft_model(model, config, init_lora_weights="pissa")
 
 
-def milora_peft_model(model: nn.Module, config: LoraConfig) -> PeftModel:
+@register_lora_init("milora")
+def milora_peft_model(model: nn.Module, calibration: None, config: LoraConfig, **_unused) -> PeftModel:
     """MiLoRA (Wang et al. 2024): the r smallest singular triplets of W in the adapter, base = W − them."""
     peft_model = create_peft_model(model, config, init_lora_weights=True)
     layers = lora_layers(peft_model)

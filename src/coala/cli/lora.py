@@ -13,6 +13,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def add_parser(sub) -> None:
+    from ..adapters.ipm_kpm import MODES
+    from ..adapters.registry import LORA_INITS
+
     p = sub.add_parser(
         "lora-init",
         help="initialise LoRA adapters (coala IPM/KPM, CorDA, PiSSA, MiLoRA) and save a residual base + adapter",
@@ -26,8 +29,9 @@ def add_parser(sub) -> None:
     p.add_argument("--rslora", action="store_true", help="rank-stabilised scaling alpha/√r")
     p.add_argument("--targets", default=None,
                    help="comma-separated module names for peft's target_modules (default: peft's for the architecture)")
-    p.add_argument("--method", default="coala", choices=["coala", "corda", "pissa", "milora", "lora"])
-    p.add_argument("--mode", default=None, choices=["ipm", "kpm"], help="coala / corda only (default ipm)")
+    p.add_argument("--method", default="coala", choices=sorted(LORA_INITS),
+                   help="initialisation (default coala); the registered ones of coala.adapters.LORA_INITS")
+    p.add_argument("--mode", default=None, choices=MODES, help="context-aware methods only (default ipm)")
     p.add_argument("--mu", type=float, default=0.0, help="regularisation μ of the coala solve (default 0)")
     p.add_argument("--calib", default="builtin",
                    help="'builtin' (offline), 'wikitext2', 'c4', or a .txt / .jsonl ('text') file")
@@ -64,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from ..adapters import init_lora, save_lora
+    from ..adapters.registry import get_lora_init
     from ..data import calibration_batches
 
     out = Path(args.out)
@@ -71,9 +76,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"output directory {out} exists and is not empty")
     if args.rank < 1:
         raise ValueError(f"--rank must be >= 1, got {args.rank}")
-    context = args.method in ("coala", "corda")
+    context = get_lora_init(args.method).context
     if not context and args.mode is not None:
-        raise ValueError(f"--mode applies to coala and corda only, not to {args.method}")
+        raise ValueError(f"--mode applies to context-aware methods only, not to {args.method}")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     cls = model_class_for(args.model_class, args.model)
     model = cls.from_pretrained(args.model, dtype=_DTYPES[args.dtype]).to(args.device).eval()

@@ -25,6 +25,11 @@ class Decomposition(ABC):
     def max_rank(self) -> int:
         return min(self.out_features, self.in_features)
 
+    def truncation_loss(self) -> Tensor:
+        """loss[r] for r = 0..max_rank: the truncation loss of rank r as this method measures it, Σ_{i ≥ r} S_i² of
+        the singular values it truncates (float64). For COALA it is exactly ‖(W − W'_r)Xᵀ‖²_F."""
+        return tail_sums_of_squares(self.S, self.max_rank + 1)
+
     def factors(self, rank: int) -> tuple[Tensor, Tensor]:
         rank = check_rank(rank, self.out_features, self.in_features, getattr(self, "name", None))
         return self._factors(rank)

@@ -26,6 +26,7 @@ class Method:
     needs: frozenset[str]
     build: Callable[..., Decomposition]
     uses_mu: bool = False
+    allocation: str = "uniform"  # the rank allocation "auto" resolves to (a name of coala.allocate.ALLOCATIONS)
 
 
 def _coala(W, stats, mu, adaptive_mu, name):
@@ -46,6 +47,7 @@ METHODS: dict[str, Method] = {
     "svd-llm-v2": Method(
         "svd-llm-v2", frozenset({"gram"}),
         lambda W, stats, mu, adaptive_mu, name: svd_llm_v2_decomposition(W, stats.gram.G),
+        allocation="svd-llm-v2",
     ),
 }
 
@@ -78,7 +80,7 @@ def _context_stats(X: Context, W: Tensor, needs: frozenset[str], method: str, wh
             raise ValueError(f"RFactor{at} has in_features={X.in_features}, but W has {n} input columns")
         if needs and X.num_rows == 0:
             raise ValueError(f"RFactor{at} has seen no rows: run calibration data through it first")
-        stats = ActivationStats(n, (), name=where)
+        stats = ActivationStats(n, (), dtype=X.dtype, name=where)
         stats.r, stats.num_rows = X, X.num_rows
         X = stats
     if not isinstance(X, ActivationStats):
@@ -114,20 +116,11 @@ def decompose(
     mu = check_mu(mu, name)
     if (mu or adaptive_mu) and not m.uses_mu:
         raise ValueError(f"mu / adaptive_mu apply to method 'coala' only, not {method!r}")
-    ctx_dtype = X.dtype if isinstance(X, Tensor) else getattr(_stat_dtype(X), "dtype", W.dtype)
+    ctx_dtype = getattr(X, "dtype", W.dtype)  # a tensor's, an RFactor's or ActivationStats' accumulation dtype
     cdtype = torch.float64 if (W.dtype == torch.float64 and ctx_dtype == torch.float64) else torch.float32
     stats = _context_stats(X, W, m.needs, method, name)
     return m.build(W.to(cdtype), stats, mu, adaptive_mu, name)
 
-
-def _stat_dtype(X: Context) -> Tensor | None:
-    if isinstance(X, RFactor):
-        return X._R
-    if isinstance(X, ActivationStats):
-        for acc, attr in ((X.r, "_R"), (X.gram, "G")):
-            if acc is not None:
-                return getattr(acc, attr)
-    return None
 
 
 def approximate(

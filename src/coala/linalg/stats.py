@@ -105,7 +105,7 @@ class ActivationStats:
         unknown = kinds - set(STAT_KINDS)
         if unknown:
             raise ValueError(f"unknown statistics {sorted(unknown)}; choose from {STAT_KINDS}")
-        self.in_features, self.name = in_features, name
+        self.in_features, self.name, self.dtype = in_features, name, dtype
         self.r = RFactor(in_features, dtype=dtype, device=device, name=name) if "r" in kinds else None
         self.gram = GramAccumulator(in_features, dtype=dtype, device=device, name=name) if "gram" in kinds else None
         self.absmean = AbsMeanAccumulator(in_features, device=device, name=name) if "absmean" in kinds else None
@@ -129,6 +129,11 @@ class ActivationStats:
             mine.merge(theirs)
         self.num_rows += other.num_rows
         return self
+
+    def to(self, device: torch.device | str) -> ActivationStats:
+        """A copy on ``device`` in the same accumulation dtype (pending rows of an R factor are folded in first)."""
+        out = ActivationStats(self.in_features, self.kinds, dtype=self.dtype, device=device, name=self.name)
+        return out.load_state_dict(self.state_dict())
 
     def _parts(self) -> list:
         return [acc for acc in (self.r, self.gram, self.absmean) if acc is not None]

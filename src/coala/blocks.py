@@ -1,14 +1,12 @@
-"""Block-by-block calibration (GPTQ / SVD-LLM style), for any Hugging Face transformer.
+"""The blocks of a Hugging Face transformer and the inputs that reach them (GPTQ / SVD-LLM style).
 
 1. ``find_blocks``: the repeated blocks are the largest ``nn.ModuleList`` whose members all have one class
    (``model.layers``, ``h``, ``encoder.layer``, ``decoder.layers`` …) — no table per architecture.
 2. ``catch_block_inputs``: run the model on each calibration batch until block 0 is called; a forward
    pre-hook records the block's positional arguments (the hidden states) and keyword arguments (attention
    mask, position embeddings / ids …) and stops the forward. KV caches are disabled while catching.
-3. ``BlockWalker``: moves one block at a time to the compute device, streams every batch through it
-   (optionally with an ``InputCapture`` feeding one ``ActivationStats`` per distinct input, padding rows
-   excluded through the batch's attention mask) and, when asked, replaces each batch's hidden states by the
-   block's outputs, which become the next block's inputs.
+3. ``BlockInputs``: what block 0 received for every batch; the walker (``coala.walker``) overwrites the hidden
+   states with each block's outputs, which become the next block's inputs.
 
 Memory: the hidden states of all calibration samples (one copy, tokens × hidden, in the model's dtype) stay
 where the model's embeddings are (usually the CPU); outputs overwrite inputs batch by batch. Only one block,
@@ -19,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -28,8 +25,6 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .capture import InputCapture
-from .linalg.stats import ActivationStats
 from .lowrank import find_linear_layers
 
 
@@ -192,7 +187,8 @@ class BlockInputs:
             self.offload_dir.rmdir()
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter (CPU for a parameter-less module)."""
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
@@ -240,7 +236,7 @@ def catch_block_inputs(
     offload_dir: str | os.PathLike | None = None,
 ) -> BlockInputs:
     """Run ``model`` on each batch up to ``block0`` and record block 0's inputs (on the model's device)."""
-    device = _model_device(model)
+    device = model_device(model)
     caught = BlockInputs(offload_dir)
 
     def hook(_module, args, kwargs):
@@ -278,140 +274,11 @@ def catch_block_inputs(
     return caught
 
 
-def _check_outputs(h: Tensor, mask: Tensor | None, where: str) -> None:
+def check_outputs(h: Tensor, mask: Tensor | None, where: str) -> None:
+    """ValueError naming ``where`` when a block's outputs ``h`` (batch × seq × hidden) hold NaN / Inf on real
+    tokens (``mask`` 1; None = every token is real)."""
     real = h if mask is None else h[mask.to(h.device) != 0]
     if not bool(torch.isfinite(real).all()):
         bad = int((~torch.isfinite(real)).sum())
         raise ValueError(f"{where} produced {bad} non-finite output values (NaN/Inf) on calibration data; "
                          "coala never replaces them: check the model's weights and dtype")
-
-
-class BlockWalker:
-    """Runs calibration batches through a model's blocks one at a time.
-
-    Args:
-        model: the model (in eval mode; left where it is, usually on the CPU).
-        batches: model inputs (see ``normalize_batches``).
-        targets: linear-layer names to compress inside each block (None: all of them).
-        device: compute device for the current block (default: the model's device).
-        progress: show tqdm bars.
-        offload_dir: keep the calibration hidden states in files in this folder instead of in memory
-            (``close()`` removes them).
-
-    Attributes: ``prefix`` / ``blocks`` (from ``find_blocks``), ``layers[i]`` (full name → layer of block i),
-    ``inputs`` (after ``catch``), ``calib_seconds`` (time spent in forward passes).
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        batches: list[dict[str, Tensor]],
-        *,
-        targets: Sequence[str] | None = None,
-        device: torch.device | str | None = None,
-        progress: bool = True,
-        offload_dir: str | os.PathLike | None = None,
-    ) -> None:
-        self.model, self.batches, self.progress, self.offload_dir = model, batches, progress, offload_dir
-        self.prefix, self.blocks = find_blocks(model)
-        self.layers = block_layers(model, self.blocks, self.prefix, targets)
-        self.home = _model_device(model)
-        self.device = torch.device(device) if device is not None else self.home
-        self.inputs: BlockInputs | None = None
-        self.calib_seconds = 0.0
-
-    def __len__(self) -> int:
-        return len(self.blocks)
-
-    def block_name(self, i: int) -> str:
-        return f"{self.prefix}.{i}"
-
-    def catch(self) -> BlockInputs:
-        """(Re)capture block 0's inputs for every batch."""
-        self.close()
-        t0 = time.perf_counter()
-        self.inputs = catch_block_inputs(self.model, self.blocks[0], self.batches, progress=self.progress,
-                                         offload_dir=self.offload_dir)
-        self.calib_seconds += time.perf_counter() - t0
-        return self.inputs
-
-    def close(self) -> None:
-        """Drop the cached hidden states (and their files when offloaded)."""
-        if self.inputs is not None:
-            self.inputs.close()
-            self.inputs = None
-
-    def run(
-        self,
-        i: int,
-        *,
-        capture: InputCapture | None = None,
-        write: bool = True,
-        desc: str = "",
-    ) -> None:
-        """Stream every batch through block i (which must already be on ``device``).
-
-        With ``capture``, its mask is set to each batch's padding mask before the forward. With ``write``,
-        each batch's hidden states are replaced by the block's outputs (checked finite on real tokens).
-        """
-        if self.inputs is None:
-            raise RuntimeError("call catch() before run()")
-        block, inputs = self.blocks[i], self.inputs
-        t0 = time.perf_counter()
-        bar = tqdm(range(len(inputs)), desc=desc or f"block {i}", disable=not self.progress, leave=False)
-        with torch.no_grad():
-            for b in bar:
-                if capture is not None:
-                    capture.mask = inputs.masks[b]
-                args, kwargs = inputs.call(b, self.device)
-                out = block(*args, **kwargs)
-                del args, kwargs
-                if write:
-                    h = out[0] if isinstance(out, (tuple, list)) else out
-                    _check_outputs(h, inputs.masks[b], f"block {self.block_name(i)}")
-                    inputs.set_hidden(b, h)
-                del out
-        self.calib_seconds += time.perf_counter() - t0
-
-    def statistics(
-        self,
-        i: int,
-        kinds: Iterable[str],
-        *,
-        dtype: torch.dtype = torch.float32,
-        write: bool = False,
-    ) -> InputCapture:
-        """Statistics of the inputs of block i's targeted layers (one ActivationStats per distinct input),
-        on ``device``; with ``write``, the batches' hidden states become the (unchanged) block's outputs."""
-        with InputCapture(self.blocks[i], self.layers[i], kinds, dtype=dtype, device=self.device) as cap:
-            self.run(i, capture=cap, write=write, desc=f"calibrate {self.block_name(i)}")
-        missing = [name for name in self.layers[i] if name not in cap.group_of]
-        if missing:
-            raise ValueError(f"layer {missing[0]} received no input during the calibration forward passes")
-        return cap
-
-    @contextlib.contextmanager
-    def on_device(self, i: int):
-        """Move block i to the compute device for the duration of the ``with``; then back home."""
-        block = self.blocks[i]
-        block.to(self.device)
-        try:
-            yield block
-        finally:
-            block.to(self.home)
-
-
-def stats_to(stats: ActivationStats, device: torch.device | str) -> ActivationStats:
-    """A copy of ``stats`` on ``device`` (pending rows of an R factor are folded in first)."""
-    out = ActivationStats(stats.in_features, stats.kinds, dtype=_stats_dtype(stats), device=device, name=stats.name)
-    return out.load_state_dict(stats.state_dict())
-
-
-def _stats_dtype(stats: ActivationStats) -> torch.dtype:
-    if stats.r is not None:
-        return stats.r.dtype
-    if stats.gram is not None:
-        return stats.gram.G.dtype
-    return torch.float32
-
-

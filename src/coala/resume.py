@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .checkpoint import BlockCheckpoint
 from .io import OutputExistsError
+from .version import __version__
+
+if TYPE_CHECKING:
+    from .config import OutputConfig
 
 INTERRUPT_ENV = "COALA_INTERRUPT_AFTER_BLOCK"
 
@@ -30,9 +36,10 @@ def _digest(h, t: torch.Tensor) -> None:
     h.update(flat[::step].contiguous().cpu().view(torch.uint8).numpy().tobytes())
 
 
-def fingerprint(model: nn.Module, batches: list, description: dict, config, device) -> dict:
-    """JSON-safe identity of a run: settings that change the result, the model (config, names, shapes, dtypes
-    and a strided sample of every tensor), the calibration batches (all their bytes), the device type."""
+def fingerprint(model: nn.Module, batches: list, description: dict, settings: Sequence, device) -> dict:
+    """JSON-safe identity of a run: every field of the ``settings`` dataclasses (the algorithm and the calibration
+    configs: everything that changes the result), the model (config, names, shapes, dtypes and a strided sample
+    of every tensor), the calibration batches (all their bytes), the device type and coala's version."""
     weights, data = hashlib.sha256(), hashlib.sha256()
     for name, t in model.state_dict().items():
         weights.update(name.encode())
@@ -42,14 +49,9 @@ def fingerprint(model: nn.Module, batches: list, description: dict, config, devi
             data.update(k.encode())
             data.update(b[k].contiguous().cpu().numpy().tobytes())
     cfg = getattr(model, "config", None)
-    settings = {k: v for k, v in asdict(config).items()
-                if k not in ("out_dir", "work_dir", "resume", "overwrite", "progress", "max_shard_size",
-                             "offload_hidden")}
-    from . import __version__
-
     return {
         "coala": __version__,
-        "settings": settings,
+        "settings": {type(s).__name__: asdict(s) for s in settings},
         "device_type": torch.device(device).type,
         "model_class": type(model).__name__,
         "model_config": hashlib.sha256(cfg.to_json_string().encode()).hexdigest() if cfg is not None else None,
@@ -59,7 +61,7 @@ def fingerprint(model: nn.Module, batches: list, description: dict, config, devi
     }
 
 
-def prepare_output(config) -> BlockCheckpoint | None:
+def prepare_output(config: OutputConfig) -> BlockCheckpoint | None:
     """Refuse to clobber (before any work); return the block checkpoint when writing to out_dir."""
     if not config.out_dir:
         return None
@@ -75,9 +77,9 @@ def prepare_output(config) -> BlockCheckpoint | None:
     return ckpt
 
 
-def offload_dir(config, ckpt: BlockCheckpoint | None) -> str | None:
+def offload_dir(offload: bool, ckpt: BlockCheckpoint | None) -> str | None:
     """Where offloaded hidden states go: ``work_dir/hidden`` when checkpointing, else a new temporary folder."""
-    if not config.offload_hidden:
+    if not offload:
         return None
     if ckpt is not None:
         return str(ckpt.work_dir / "hidden")

@@ -1,0 +1,82 @@
+"""Rank plans: from the configuration and, when the allocation asks for it, evidence measured on the original model.
+
+A plan maps every targeted layer's full name to its rank (None: the layer stays dense). ``CompressConfig.rank``
+forces one rank everywhere; otherwise the registered allocation (``coala.allocate.ALLOCATIONS``) decides, from
+per-layer ``LayerEvidence``. Evidence beyond the shapes (truncation-loss curves, measured sensitivities) comes
+from one decomposition per layer of the ORIGINAL weights, gathered either
+
+- in a pass of the block walker over the original model (``plan_in_pass``, what ``compress`` does: statistics
+  of one block at a time, decompositions dropped after each block), or
+- from statistics and decompositions already in memory (``plan_from_decompositions``: ``compare``,
+  ``apply_low_rank``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from torch import Tensor, nn
+
+from .allocate import get_allocation
+from .config import CompressConfig
+from .layer_solve import add_evidence, decompose_layer, forced_ranks, new_evidence, stats_for
+from .linalg.decomposition import Decomposition
+from .linalg.methods import get_method
+from .lowrank import linear_shape
+from .sensitivity import Probe
+from .walker import BlockStep, BlockWalker
+
+Plan = dict[str, int | None]
+
+
+def plan_in_pass(walker: BlockWalker, config: CompressConfig, batches: Sequence[dict[str, Tensor]]) -> Plan:
+    """The plan for every layer of ``walker``, running one walk over the original model when the allocation
+    needs evidence (``kinds`` = the method's statistics; the hidden states propagate through the original blocks).
+    The whole model must still be original: sensitivity probes run it where it lives."""
+    shapes = {name: linear_shape(m) for layers in walker.layers for name, m in layers.items()}
+    if config.rank is not None:
+        return forced_ranks(shapes, config.rank)
+    allocation = get_allocation(config.resolved_allocation)
+    evidence = new_evidence(shapes, walker.prefix)
+    if allocation.needs:
+        probe = (Probe.build(walker.model, batches, config.sensitivity_samples, config.probe_ratios)
+                 if "sensitivity" in allocation.needs else None)
+
+        def solve(step: BlockStep) -> dict[str, Decomposition]:
+            return {name: decompose_layer(module, stats_for(step.capture, name), config, name)
+                    for name, module in step.layers.items()}
+
+        def after(step: BlockStep, decompositions: dict[str, Decomposition]) -> None:
+            add_evidence(evidence, decompositions, allocation.needs, model=walker.model, layers=step.layers,
+                         probe=probe)
+
+        walker.walk(solve, kinds=get_method(config.method).needs, dtype=config.accumulation_dtype,
+                    propagate="original", after=after, desc=f"{allocation.name} allocation")
+    return allocation.allocate(evidence, float(config.ratio))
+
+
+def plan_from_decompositions(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    config: CompressConfig,
+    decompositions: Mapping[str, Decomposition] | None = None,
+    stats: Mapping | None = None,
+    probe: Probe | None = None,
+) -> Plan:
+    """The plan for ``layers`` (full name → module of the original ``model``) from ready ``decompositions`` (or
+    ones computed here from ``stats`` when the allocation needs them). Sensitivity needs a ``probe``."""
+    shapes = {name: linear_shape(m) for name, m in layers.items()}
+    if config.rank is not None:
+        return forced_ranks(shapes, config.rank)
+    allocation = get_allocation(config.resolved_allocation)
+    evidence = new_evidence(shapes)
+    if allocation.needs:
+        if "sensitivity" in allocation.needs and probe is None:
+            raise ValueError(f"allocation {allocation.name!r} probes the model on calibration samples: use "
+                             "coala.compress (or pass a sensitivity.Probe)")
+        decs = dict(decompositions or {})
+        for name, module in layers.items():
+            if name not in decs:
+                decs[name] = decompose_layer(module, stats_for(stats, name), config, name)
+        add_evidence(evidence, decs, allocation.needs, model=model, layers=layers, probe=probe)
+    return allocation.allocate(evidence, float(config.ratio))
