@@ -1,5 +1,7 @@
 """coala: context-aware low-rank approximation of neural networks (COALA, inversion-free and streaming)."""
 
+from .compress import CompressConfig, apply_low_rank, collect_statistics, compress
+from .io import load
 from .linalg import (
     METHODS,
     ActivationStats,
@@ -9,11 +11,7 @@ from .linalg import (
     decompose,
     truncation_loss,
 )
-
-__version__ = "0.1.0"
-
-from .compress import CompressConfig, apply_low_rank, collect_statistics, compress
-from .io import load
+from .version import __version__
 
 __all__ = [
     "METHODS",

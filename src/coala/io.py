@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from .checkpoint import BlockCheckpoint
 from .lowrank import LowRankLinear, low_rank_layers, replace_module
+from .version import __version__
 
 __all__ = ["FORMAT_VERSION", "BlockCheckpoint", "OutputExistsError", "load", "read_meta", "save_compressed"]
 
@@ -93,8 +94,6 @@ def _write_weights(state: dict[str, Tensor], folder: Path, max_shard_size: int |
 
 def _versions() -> dict[str, str]:
     import transformers
-
-    from . import __version__
 
     return {
         "torch": torch.__version__,
