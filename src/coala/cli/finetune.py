@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..data import builtin_sentences, builtin_texts, calibration_batches
     from ..finetune import FinetuneConfig, finetune
-    from ..io import META_FILE, read_meta, save_compressed
+    from ..io import META_FILE, RESERVED_META_KEYS, read_meta, save_compressed
     from ..models import load_model
 
     if not (Path(args.dir) / META_FILE).is_file():
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     model = finetune(model, train.batches, config, teacher=teacher)
     seconds = time.perf_counter() - start
     after = _evaluate(model, tokenizer, eval_batches, eval_texts, objective, teacher)
-    meta = {k: v for k, v in read_meta(args.dir).items() if k not in _reserved()}
+    meta = {k: v for k, v in read_meta(args.dir).items() if k not in RESERVED_META_KEYS}
     meta["recovery"] = {"config": config.to_dict(), "data": train.description, "seconds": round(seconds, 1),
                         "loss_first": config.history[0], "loss_last10": _mean(config.history[-10:]),
                         "before": before, "after": after, "source": str(args.dir)}
@@ -111,9 +111,3 @@ def run(args: argparse.Namespace) -> int:
 
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
-
-
-def _reserved() -> tuple[str, ...]:
-    from .. import io
-
-    return io._RESERVED  # keys save_compressed writes itself
