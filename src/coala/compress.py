@@ -22,13 +22,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .blocks import model_device, normalize_batches
+from .blocks import normalize_batches
 from .compress_report import CompressionReport, LayerReport, peak_memory
 from .config import CalibrationConfig, CompressConfig, OutputConfig, RuntimeConfig
 from .layer_solve import decompose_layer, restore_layers, solve_layers
 from .linalg.decomposition import Decomposition
 from .linalg.stats import ActivationStats
-from .lowrank import linear_shape
+from .lowrank import linear_shape, model_device
 from .planning import plan_from_decompositions, plan_in_pass
 from .resume import INTERRUPT_ENV, SimulatedInterruption, fingerprint, offload_dir, prepare_output
 from .walker import BlockStep, BlockWalker

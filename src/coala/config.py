@@ -24,10 +24,11 @@ from dataclasses import MISSING, dataclass, field, fields
 import torch
 
 from .allocate import allocation_names
+from .linalg.dtypes import ACCUMULATION_DTYPES
 from .linalg.methods import METHODS, get_method
 from .sensitivity import PROBE_RATIOS
 
-STATS_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+STATS_DTYPES = ACCUMULATION_DTYPES  # accumulation dtypes of the statistics, by name
 PROPAGATIONS = ("compressed", "original")
 CALIB_MODES = ("auto", "windows", "sentences")
 

@@ -263,17 +263,32 @@ def _sentences(
     return sorted(rows, key=len)
 
 
+def _documents(texts: list[str], tokenizer, nsamples: int | None, seqlen: int, where: str) -> list[list[int]]:
+    """Every document in order, tokenized with the model's special tokens and cut into consecutive windows of
+    at most seqlen tokens (a window under 2 tokens is dropped); the first ``nsamples`` windows (None: all)."""
+    rows: list[list[int]] = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]
+        rows += [ids[s : s + seqlen] for s in range(0, len(ids), seqlen) if len(ids[s : s + seqlen]) >= 2]
+        if nsamples is not None and len(rows) >= nsamples:
+            return rows[:nsamples]
+    if not rows:
+        raise ValueError(f"calibration source {where}: every document tokenised to fewer than 2 tokens")
+    return rows
+
+
 def calibration_batches(
     source: str | os.PathLike | list[str],
     tokenizer,
     *,
-    nsamples: int = 256,
+    nsamples: int | None = 256,
     seqlen: int = 2048,
     seed: int = 0,
     mode: str = "windows",
     batch_size: int | None = None,
     batch_tokens: int = 2048,
     max_positions: int | None = None,
+    pad_id: int | None = None,
 ) -> CalibrationSet:
     """Tokenized calibration batches from a source (deterministic for a fixed seed).
 
@@ -282,21 +297,30 @@ def calibration_batches(
             list of documents.
         tokenizer: a Hugging Face tokenizer.
         nsamples, seqlen: number of samples and their length in tokens (``seqlen`` is clamped to
-            ``max_positions``, the model's ``max_position_embeddings``, when given).
+            ``max_positions``, the model's ``max_position_embeddings``, when given). In "documents" mode
+            ``nsamples`` caps the windows taken (None: all of them).
         mode: "windows" (decoder LMs: random windows of exactly seqlen tokens of the joined corpus, with BOS
-            first when the tokenizer adds one; c4 follows GPTQ's per-document recipe) or "sentences"
-            (encoders: one paragraph per sample with the tokenizer's special tokens, padded per batch).
+            first when the tokenizer adds one; c4 follows GPTQ's per-document recipe), "sentences"
+            (encoders: one paragraph per sample with the tokenizer's special tokens, padded per batch) or
+            "documents" (no sampling, ``seed`` unused: every document in order, tokenized with the special
+            tokens and cut into consecutive windows of at most seqlen tokens, windows under 2 tokens dropped).
         batch_size: samples per batch; default None: as many as fit in ``batch_tokens`` padded tokens (at least
             one; sequences longer than 256 tokens count width/256 times, for their attention scores), so that
             the memory of a batch's forward does not depend on how long the longest sample is.
         batch_tokens: that budget (default 2048: a full batch then costs about what 64 short calibration
             samples cost, so peak memory hardly depends on ``nsamples``; larger batches were not faster on CPU).
+        pad_id: token id of the padding (default: the tokenizer's pad token, else 0; masked out either way).
+
+    Returns a ``CalibrationSet``: batches of {"input_ids", "attention_mask"} (int64, batch × longest row),
+    right-padded.
     """
+    if mode not in ("windows", "sentences", "documents"):
+        raise ValueError(f"mode must be 'windows', 'sentences' or 'documents', got {mode!r}")
     for arg, v in (("nsamples", nsamples), ("seqlen", seqlen)):
+        if v is None and arg == "nsamples" and mode == "documents":
+            continue
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{arg} must be a positive int, got {v!r}")
-    if mode not in ("windows", "sentences"):
-        raise ValueError(f"mode must be 'windows' or 'sentences', got {mode!r}")
     if max_positions is not None:
         seqlen = min(seqlen, int(max_positions))
     if isinstance(source, list):
@@ -306,7 +330,9 @@ def calibration_batches(
     else:
         texts, desc, where = load_texts(source), describe_source(source), repr(str(source))
     rng = random.Random(seed)
-    if mode == "sentences":
+    if mode == "documents":
+        rows = _documents(texts, tokenizer, nsamples, seqlen, where)
+    elif mode == "sentences":
         rows = _sentences(texts, tokenizer, nsamples, seqlen, rng, where)
     elif source == "c4":
         rows = _c4_windows(texts, tokenizer, nsamples, seqlen, rng)
@@ -314,8 +340,9 @@ def calibration_batches(
         rows = _windows(texts, tokenizer, nsamples, seqlen, rng, where)
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = _stack(_chunks(rows, batch_size, batch_tokens), pad)
+    if pad_id is None:
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = _stack(_chunks(rows, batch_size, batch_tokens), pad_id)
     desc = {**desc, "mode": mode, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
             "batch_size": batch_size if batch_size is not None else f"<= {batch_tokens} tokens",
             "tokenizer": getattr(tokenizer, "name_or_path", type(tokenizer).__name__)}

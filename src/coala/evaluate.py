@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .lowrank import model_device
+
 # Headline metric per zero-shot task: acc_norm where length normalisation is the papers' choice.
 TASK_METRICS: dict[str, str] = {
     "piqa": "acc_norm",
@@ -46,10 +48,6 @@ class PerplexityResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _token_stream(tokenizer, texts: Sequence[str]) -> Tensor:
@@ -82,7 +80,7 @@ def perplexity(
     if windows == 0:
         raise ValueError(f"{source}: {ids.shape[1]} tokens are fewer than one window of seqlen={seqlen}")
     ids = ids[:, : windows * seqlen].reshape(windows, seqlen)
-    device = _model_device(model)
+    device = model_device(model)
     model.eval()
     total = torch.zeros((), dtype=torch.float64)
     count = 0
@@ -125,7 +123,7 @@ def lm_eval_tasks(
         from lm_eval.tasks import TaskManager
     except ImportError as err:  # pragma: no cover - exercised only without the extra
         raise ImportError("lm-eval is not installed: pip install 'coala[eval]'") from err
-    device = _model_device(model)
+    device = model_device(model)
     # Tokenizers without BOS/EOS (BERT-style) need an explicit prefix token for loglikelihood requests.
     prefix = None
     if tokenizer.bos_token_id is None and tokenizer.eos_token_id is None:
@@ -161,7 +159,7 @@ def sentence_embeddings(
     model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: int = 32, max_length: int = 256
 ) -> Tensor:
     """Mean-pooled last hidden states over real tokens: (len(texts) × hidden), float32, on the CPU."""
-    device = _model_device(model)
+    device = model_device(model)
     model.eval()
     out = []
     for i in range(0, len(texts), batch_size):

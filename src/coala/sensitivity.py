@@ -34,7 +34,7 @@ from .allocate import LayerEvidence, rank_for_ratio, register_allocation
 from .blocks import no_kv_cache
 from .evaluate import mean_pool
 from .linalg.decomposition import Decomposition
-from .lowrank import _is_conv1d, dense_weight
+from .lowrank import dense_weight, is_conv1d, model_device
 
 PROBE_RATIOS = (0.2, 0.4, 0.6, 0.8)
 
@@ -90,7 +90,7 @@ def truncated(module: nn.Module, A: Tensor, B: Tensor):
     param = module.weight
     original = param.data
     new = (A @ B).to(original)
-    param.data = new.T.contiguous() if _is_conv1d(module) else new
+    param.data = new.T.contiguous() if is_conv1d(module) else new
     try:
         yield module
     finally:
@@ -111,7 +111,7 @@ def first_samples(batches: Sequence[dict[str, Tensor]], nsamples: int) -> list[d
 
 def outputs(model: nn.Module, batches: Sequence[dict[str, Tensor]]) -> Tensor:
     """Per-sample output summary: token NLLs (models with logits) or unit sentence embeddings (encoders)."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     outs = []
     with torch.no_grad(), no_kv_cache(model):
         for b in batches:

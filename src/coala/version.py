@@ -1,3 +1,4 @@
-"""The package version, in one place (read by the package root, the saved metadata and the resume fingerprint)."""
+"""The package version, in one place (``coala.__version__``, the saved files' ``versions`` record, the resume
+fingerprint, ``coala --version``)."""
 
 __version__ = "0.1.0"

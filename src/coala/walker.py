@@ -30,9 +30,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .blocks import BlockInputs, block_layers, catch_block_inputs, check_outputs, find_blocks, model_device
+from .blocks import BlockInputs, block_layers, catch_block_inputs, check_outputs, find_blocks
 from .capture import InputCapture
 from .checkpoint import BlockCheckpoint
+from .lowrank import model_device
 from .resume import maybe_interrupt
 
 

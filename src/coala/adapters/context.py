@@ -15,14 +15,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..capture import InputCapture
+from ..data import calibration_batches
+from ..lowrank import model_device
 
 Batch = Tensor | Mapping[str, Tensor]
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter (CPU for a parameter-less module)."""
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def iter_batches(calibration: Iterable[Batch], device: torch.device) -> Iterator[dict[str, Tensor]]:
@@ -55,35 +51,17 @@ def text_batches(
     max_windows: int | None = None,
     pad_id: int | None = None,
 ) -> list[dict[str, Tensor]]:
-    """Tokenise documents, cut each into windows of at most ``seq_len`` tokens, batch with right padding.
+    """Every document, in order, cut into consecutive windows of at most ``seq_len`` tokens (with the special
+    tokens), ``batch_size`` windows per batch, right-padded: ``coala.data.calibration_batches`` in "documents"
+    mode, which does the work (``max_windows``: keep only the first windows; None: all).
 
     Returns dicts with ``input_ids`` and ``attention_mask`` (int64, batch × longest window). The tokenizer is
     not modified (padding uses ``pad_id``, else its pad token id, else 0; padded rows are masked out anyway).
     """
     if seq_len < 2 or batch_size < 1:
         raise ValueError(f"seq_len must be >= 2 and batch_size >= 1, got {seq_len} and {batch_size}")
-    if pad_id is None:
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    windows: list[list[int]] = []
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-        windows += [ids[s : s + seq_len] for s in range(0, len(ids), seq_len) if len(ids[s : s + seq_len]) >= 2]
-        if max_windows is not None and len(windows) >= max_windows:
-            windows = windows[:max_windows]
-            break
-    if not windows:
-        raise ValueError("no calibration text: every document tokenised to fewer than 2 tokens")
-    batches = []
-    for s in range(0, len(windows), batch_size):
-        chunk = windows[s : s + batch_size]
-        width = max(len(w) for w in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        for row, w in enumerate(chunk):
-            ids[row, : len(w)] = torch.tensor(w, dtype=torch.long)
-            mask[row, : len(w)] = 1
-        batches.append({"input_ids": ids, "attention_mask": mask})
-    return batches
+    return calibration_batches(list(texts), tokenizer, nsamples=max_windows, seqlen=seq_len, mode="documents",
+                               batch_size=batch_size, pad_id=pad_id).batches
 
 
 @torch.no_grad()

@@ -21,7 +21,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
 
-from .context import Batch, model_device, single_sequences
+from ..lowrank import model_device
+from .context import Batch, single_sequences
 from .ipm_kpm import MODES, check_mode
 from .peft_bridge import check_lora_config
 from .registry import register_lora_init

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from ..linalg.checks import check_finite, check_mu, check_rank, check_weight
+from ..linalg.dtypes import ACCUMULATION_DTYPES
 from ..linalg.tsqr import regularize
 
 MODES = ("ipm", "kpm")
@@ -48,7 +49,7 @@ def check_mode(mode: str) -> str:
 
 
 def _solve_dtype(dtype: torch.dtype) -> torch.dtype:
-    if dtype not in (torch.float32, torch.float64):
+    if dtype not in ACCUMULATION_DTYPES.values():
         raise TypeError(f"solve_dtype must be torch.float32 or torch.float64, got {dtype}")
     return dtype
 

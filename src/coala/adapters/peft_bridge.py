@@ -16,11 +16,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
+from ..lowrank import is_conv1d
+
 _PREFIX = "base_model.model."
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D"
 
 
 def check_lora_config(config: LoraConfig) -> None:
@@ -55,7 +53,7 @@ def lora_layers(peft_model: PeftModel) -> dict[str, LoraLayer]:
 def base_layer(layer: LoraLayer) -> nn.Module:
     """The wrapped nn.Linear / Conv1D; TypeError for any other kind of layer."""
     base = layer.get_base_layer()
-    if not (isinstance(base, nn.Linear) or _is_conv1d(base)):
+    if not (isinstance(base, nn.Linear) or is_conv1d(base)):
         raise TypeError(
             f"coala initialises LoRA on nn.Linear and GPT-2 Conv1D layers only, got {type(base).__name__}"
         )
@@ -65,7 +63,7 @@ def base_layer(layer: LoraLayer) -> nn.Module:
 def weight_out_in(layer: LoraLayer) -> Tensor:
     """The base weight in (out × in) orientation (a view, in its stored dtype)."""
     base = base_layer(layer)
-    return base.weight.T if _is_conv1d(base) else base.weight
+    return base.weight.T if is_conv1d(base) else base.weight
 
 
 def check_not_tied(model: nn.Module, layers: dict[str, LoraLayer]) -> None:

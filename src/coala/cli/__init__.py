@@ -13,7 +13,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="coala", description="Context-aware low-rank approximation (COALA) of neural networks."
     )
-    from coala import __version__
+    from coala.version import __version__
 
     parser.add_argument("--version", action="version", version=f"coala {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from coala.cli._common import default_model_path, load_model_and_tokenizer, print_table
+from coala.cli._common import print_table
 
 
 def add_parser(sub) -> None:
@@ -28,15 +28,16 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from coala.compare import CompareConfig, compare, write_results
     from coala.config import CalibrationConfig, RuntimeConfig, from_arguments
+    from coala.models import load_model
 
     default = args.model is None
-    target = str(default_model_path()) if default else args.model
     config = from_arguments(CompareConfig, args)
     data = from_arguments(CalibrationConfig, args, nsamples=args.nsamples or (128 if default else 256))
     runtime = from_arguments(RuntimeConfig, args)
-    model, tokenizer, info = load_model_and_tokenizer(target, device=runtime.device or "cpu")
-    if info["compressed"]:
-        raise ValueError(f"{target} is already compressed: compare starts from an original model")
+    loaded = load_model(args.model, device=runtime.device or "cpu")
+    if loaded.compressed:
+        raise ValueError(f"{loaded.source} is already compressed: compare starts from an original model")
+    model, tokenizer = loaded.model, loaded.tokenizer
     result = compare(model, tokenizer, config, calibration=args.calib, data=data, runtime=runtime)
     headers, body = result.table()
     print_table(headers, [[f"{v:.4g}" if isinstance(v, float) else v for v in row] for row in body])

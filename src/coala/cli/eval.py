@@ -6,9 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
-from coala.cli._common import default_model_path, dtype_arg, load_model_and_tokenizer, print_table
+from coala.cli._common import dtype_arg, print_table
 
 
 def add_parser(sub) -> None:
@@ -39,10 +37,11 @@ def _split(arg: str) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from coala.data import builtin_sentences, load_texts
     from coala.evaluate import embedding_fidelity, lm_eval_tasks, perplexity
+    from coala.models import load_model
 
-    target = args.model or str(default_model_path())
-    model, tokenizer, info = load_model_and_tokenizer(target, device=args.device, dtype=args.dtype)
-    results: dict = {"model": target, "compressed": info["compressed"],
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    results: dict = {"model": args.model or loaded.source, "compressed": loaded.compressed,
                      "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
     rows: list[tuple[str, str, str]] = []
     for source in _split(args.ppl):
@@ -57,11 +56,11 @@ def run(args: argparse.Namespace) -> int:
                               include_path=args.include_path)
         results["tasks"] = tasks
         rows += [(t, f"{r['value']:.4f}", r["metric"]) for t, r in tasks.items()]
-    if args.fidelity or (not args.ppl and not args.tasks and not info["causal"]):
-        reference = args.reference or info.get("base_model")
+    if args.fidelity or (not args.ppl and not args.tasks and not loaded.causal):
+        reference = args.reference or loaded.base_model
         if reference is None:
             raise ValueError("--fidelity needs --reference MODEL (no base model is recorded for this one)")
-        ref_model, _, _ = load_model_and_tokenizer(reference, device=args.device, dtype=args.dtype)
+        ref_model = load_model(reference, device=args.device, dtype=args.dtype).model
         texts = builtin_sentences("test") if args.fidelity_text == "builtin" else load_texts(args.fidelity_text)
         fid = embedding_fidelity(model, ref_model, tokenizer, texts, batch_size=max(args.batch_size, 32))
         results["fidelity"] = {"reference": reference, **fid.to_dict()}
@@ -73,5 +72,4 @@ def run(args: argparse.Namespace) -> int:
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(results, indent=2))
         print(f"wrote {args.json_path}")
-    torch.set_grad_enabled(True)
     return 0

@@ -62,24 +62,25 @@ def run(args: argparse.Namespace) -> int:
 
     from ..data import builtin_sentences, builtin_texts, calibration_batches
     from ..finetune import FinetuneConfig, finetune
-    from ..io import META_FILE, read_meta, save_compressed
-    from ._common import load_model_and_tokenizer
+    from ..io import META_FILE, RESERVED_META_KEYS, read_meta, save_compressed
+    from ..models import load_model
 
     if not (Path(args.dir) / META_FILE).is_file():
         raise FileNotFoundError(f"{args.dir} is not a compressed model folder (no {META_FILE})")
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise ValueError(f"output folder {out} exists and is not empty (pass --overwrite)")
-    model, tokenizer, info = load_model_and_tokenizer(args.dir, device=args.device)
-    objective = args.objective if args.objective != "auto" else ("lm" if info["causal"] else "distill")
+    loaded = load_model(args.dir, device=args.device)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    objective = args.objective if args.objective != "auto" else ("lm" if loaded.causal else "distill")
     config = FinetuneConfig(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, steps=args.steps, lr=args.lr,
                             objective=objective, seed=args.seed).validate()
     teacher = None
     if objective == "distill":
-        source = args.teacher or info["base_model"]
+        source = args.teacher or loaded.base_model
         if not source:
             raise ValueError("objective 'distill' needs the original model: pass --teacher MODEL")
-        teacher, _, _ = load_model_and_tokenizer(source, device=args.device)
+        teacher = load_model(source, device=args.device).model
     mode = "windows" if objective == "lm" else "sentences"
     max_pos = getattr(model.config, "max_position_embeddings", None)
     train = calibration_batches(args.data, tokenizer, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     model = finetune(model, train.batches, config, teacher=teacher)
     seconds = time.perf_counter() - start
     after = _evaluate(model, tokenizer, eval_batches, eval_texts, objective, teacher)
-    meta = {k: v for k, v in read_meta(args.dir).items() if k not in _reserved()}
+    meta = {k: v for k, v in read_meta(args.dir).items() if k not in RESERVED_META_KEYS}
     meta["recovery"] = {"config": config.to_dict(), "data": train.description, "seconds": round(seconds, 1),
                         "loss_first": config.history[0], "loss_last10": _mean(config.history[-10:]),
                         "before": before, "after": after, "source": str(args.dir)}
@@ -110,9 +111,3 @@ def run(args: argparse.Namespace) -> int:
 
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
-
-
-def _reserved() -> tuple[str, ...]:
-    from .. import io
-
-    return io._RESERVED  # keys save_compressed writes itself

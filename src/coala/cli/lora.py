@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+from coala.linalg.dtypes import DTYPES
 
 
 def add_parser(sub) -> None:
@@ -41,35 +41,18 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     p.add_argument("--model-class", default="auto",
                    help="transformers class name, or 'auto' (config.architectures[0], else AutoModel)")
-    p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=run)
 
 
-def model_class_for(name: str, model_path: str):
-    """The transformers class to load MODEL with."""
-    import transformers
-
-    if name != "auto":
-        cls = getattr(transformers, name, None)
-        if cls is None:
-            raise ValueError(f"transformers has no class {name!r}")
-        return cls
-    config = transformers.AutoConfig.from_pretrained(model_path)
-    for arch in config.architectures or []:
-        cls = getattr(transformers, arch, None)
-        if cls is not None:
-            return cls
-    return transformers.AutoModel
-
-
 def run(args: argparse.Namespace) -> int:
     from peft import LoraConfig
-    from transformers import AutoTokenizer
 
     from ..adapters import init_lora, save_lora
     from ..adapters.registry import get_lora_init
     from ..data import calibration_batches
+    from ..models import load_model
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
@@ -79,10 +62,10 @@ def run(args: argparse.Namespace) -> int:
     context = get_lora_init(args.method).context
     if not context and args.mode is not None:
         raise ValueError(f"--mode applies to context-aware methods only, not to {args.method}")
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    cls = model_class_for(args.model_class, args.model)
-    model = cls.from_pretrained(args.model, dtype=_DTYPES[args.dtype]).to(args.device).eval()
-    causal = cls.__name__.endswith(("ForCausalLM", "LMHeadModel"))
+    # --model-class auto means the class config.architectures names (with its head): load_model's "architecture"
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device,
+                        model_class="architecture" if args.model_class == "auto" else args.model_class)
+    model, tokenizer, causal = loaded.model, loaded.tokenizer, loaded.causal
     config = LoraConfig(
         r=args.rank,
         lora_alpha=args.alpha if args.alpha is not None else 2 * args.rank,

@@ -15,9 +15,8 @@ import torch
 from torch import Tensor
 
 from .checks import check_mu, flatten_rows
+from .dtypes import ACCUMULATION_DTYPES
 from .qr_update import normalize_signs, r_of_stacked, update_r_
-
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def default_block_rows(in_features: int, device: torch.device | str | None = None) -> int:
@@ -60,7 +59,7 @@ class RFactor:
     ) -> None:
         if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
             raise ValueError(f"in_features must be a positive int, got {in_features!r}")
-        if dtype not in (torch.float32, torch.float64):
+        if dtype not in ACCUMULATION_DTYPES.values():
             raise TypeError(f"RFactor dtype must be torch.float32 or torch.float64, got {dtype}")
         self.in_features = in_features
         self.dtype = dtype
@@ -156,7 +155,7 @@ class RFactor:
                 f"state has in_features={state['in_features']} and R of shape {tuple(R.shape)}; "
                 f"this RFactor has in_features={self.in_features}"
             )
-        if state.get("dtype") not in (None, *_DTYPES):
+        if state.get("dtype") not in (None, *ACCUMULATION_DTYPES):
             raise ValueError(f"unknown dtype {state['dtype']!r} in RFactor state")
         self._R = R.detach().to(device=self.device, dtype=self.dtype).triu()
         self.num_rows = int(state["num_rows"])
