@@ -67,3 +67,15 @@ def factorise(model: nn.Module, targets=None, rank=None) -> dict[str, int]:
         replace_module(model, name, new)
         ranks[name] = r
     return ranks
+
+
+def tiny_llama_lm(vocab_size: int, hidden: int = 64, **config):
+    """A randomly initialised 2-block Llama causal LM (grouped-query attention), seed 0, eval mode."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=vocab_size, **{"max_position_embeddings": 256, **config},
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()

@@ -79,6 +79,7 @@ def test_hub_sources_need_datasets(source):
         load_texts(source)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("datasets") is None, reason="datasets is not installed")
 def test_unreachable_hub_source_names_it(tmp_path):
     code = (

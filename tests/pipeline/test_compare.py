@@ -8,10 +8,10 @@ import csv
 import pytest
 import torch
 
+from _tiny_models import tiny_llama_lm
 from coala.compare import CompareConfig, compare, results_markdown, write_results
 from coala.compress import apply_low_rank, collect_statistics, decompose_layers
 from coala.config import CalibrationConfig, CompressConfig, RuntimeConfig
-from conftest import tiny_llama_lm
 
 
 @pytest.fixture(scope="module")

@@ -214,6 +214,7 @@ def minilm():
     return model, tok
 
 
+@pytest.mark.slow
 def test_minilm_20_percent_keeps_sentence_embeddings(minilm):
     """Calibrated on built-in "train" text, evaluated on held-out "test" sentences (CPU, float32, sequential).
 

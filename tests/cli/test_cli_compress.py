@@ -105,6 +105,7 @@ def test_unknown_model_path_and_empty_calibration(tiny_bert_dir, tmp_path, capsy
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt"]
 
 
+@pytest.mark.slow
 def test_default_is_the_offline_minilm(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["compress", "--nsamples", "16", "--quiet"]) == 0
