@@ -46,11 +46,11 @@ def run_compress(model: nn.Module, tokenizer, *, device: str, nsamples: int, seq
     COALA, μ = 0, uniform ``ratio``, builtin calibration text (seed 0), every block computed on ``device``.
     Returns the ``CompressionReport``; ``model`` is compressed in place.
     """
-    from coala import CompressConfig, compress
+    from coala import CalibrationConfig, CompressConfig, RuntimeConfig, compress
 
-    config = CompressConfig(method="coala", ratio=ratio, nsamples=nsamples, seqlen=seqlen, seed=0, device=device,
-                            progress=False)
-    return compress(model, "builtin", config, tokenizer=tokenizer)
+    return compress(model, "builtin", CompressConfig(method="coala", ratio=ratio),
+                    data=CalibrationConfig(nsamples=nsamples, seqlen=seqlen, seed=0),
+                    runtime=RuntimeConfig(device=device, progress=False), tokenizer=tokenizer)
 
 
 PPL_TEXT = (
@@ -127,8 +127,10 @@ def products(model: nn.Module) -> dict[str, Tensor]:
                 for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
 
 
-def worst_rel_diff(ours: dict[str, Tensor], ref: dict[str, Tensor]) -> tuple[float, str]:
-    """max over layers of ‖ours − ref‖_F / ‖ref‖_F (inf when a layer is missing or its rank differs)."""
+def worst_rel_diff(ours: dict[str, Tensor], ref: dict[str, Tensor], block: str | None = None) -> tuple[float, str]:
+    """max over layers (of ``block`` only, e.g. ".0.", when given) of ‖ours − ref‖_F / ‖ref‖_F (inf when a layer
+    is missing or its rank differs)."""
+    ref = {k: v for k, v in ref.items() if k != "__rel_error__" and (block is None or block in k)}
     if not ref:
         raise ValueError("the reference run replaced no layer")
     worst, where = 0.0, ""
@@ -162,6 +164,7 @@ def three_runs(log: Log, tag: str, base: nn.Module, tokenizer, args, *, nsamples
                      f"solve {rep.times['solve_s']:.2f} s; {len(rep.layers)} layers, "
                      f"{100 * rep.removed_fraction:.1f} % of their parameters removed)")
             prods = products(model)
+            prods["__rel_error__"] = {r.name: r.rel_error for r in rep.layers if r.rel_error is not None}
             after(label, model)
             out[label] = prods
         except Exception as err:
@@ -225,13 +228,19 @@ def section_minilm(log: Log, args) -> None:
         if label == "ref":
             continue
         diff, where = worst_rel_diff(prods[label], prods["ref"])
+        diff0, where0 = worst_rel_diff(prods[label], prods["ref"], block=".0.")
+        errs, ref_errs = prods[label]["__rel_error__"], prods["ref"]["__rel_error__"]
+        err_gap = max(abs(errs[k] - ref_errs[k]) for k in ref_errs)
         cos = F.cosine_similarity(embeddings[label], ref, dim=-1)
         mean, low = float(cos.mean()), float(cos.min())
-        log.line(f"minilm {label} vs ref products", f"{diff:.3e} (worst layer {where})")
+        log.line(f"minilm {label} vs ref products", f"{diff:.3e} (worst layer {where}); block 0 only (same inputs, "
+                 f"no propagated rounding): {diff0:.3e} ({where0})")
+        log.line(f"minilm {label} vs ref rel. weighted error", f"max |difference| {err_gap:.2e} over layers")
         log.line(f"minilm {label} vs ref cosine", f"mean {mean:.7f} min {low:.7f}")
         if label.endswith("fp32"):
-            log.check(f"minilm {label} check", diff <= FP32_PRODUCTS_TOL and mean >= FP32_COSINE_TOL,
-                      f"products {diff:.1e} ≤ {FP32_PRODUCTS_TOL:g}, mean cosine {mean:.7f} ≥ {FP32_COSINE_TOL}")
+            ok = diff0 <= FP32_PRODUCTS_TOL and err_gap <= 1e-4 and mean >= FP32_COSINE_TOL
+            log.check(f"minilm {label} check", ok, f"block-0 products {diff0:.1e} ≤ {FP32_PRODUCTS_TOL:g}, rel. "
+                      f"weighted errors within {err_gap:.1e} ≤ 1e-4, mean cosine {mean:.7f} ≥ {FP32_COSINE_TOL}")
         else:
             log.check(f"minilm {label} check", mean >= BF16_COSINE_TOL,
                       f"mean cosine {mean:.5f} ≥ {BF16_COSINE_TOL}")
@@ -315,22 +324,36 @@ def section_stream(log: Log, args) -> None:
                 G.addmm_(x.T, x)
             return G
 
-        times: dict[str, list[float]] = {"R": [], "Gram": []}
+        def r_tall_pass(n: int = n, xs: list[Tensor] = xs) -> RFactor:  # 4x taller blocks: fewer, larger QRs
+            r = RFactor(n, device=dev, block_rows=4 * len(xs[0]))
+            for x in xs:
+                r.update(x)
+            r.R  # noqa: B018
+            return r
+
+        def mono_pass(xs: list[Tensor] = xs) -> Tensor:  # one LAPACK-style QR of every row at once (memory N·n)
+            return torch.linalg.qr(torch.cat(xs), mode="r")[1]
+
+        times: dict[str, list[float]] = {"R": [], "Gram": [], "R tall blocks": [], "monolithic QR": []}
+        passes = [("R", r_pass), ("Gram", gram_pass), ("R tall blocks", r_tall_pass)]
+        if on_gpu:
+            passes.append(("monolithic QR", mono_pass))
         for rep in range(4):  # rep 0 is the warm-up
-            for key, fn in (("R", r_pass), ("Gram", gram_pass)):
+            for key, fn in passes:
                 res, secs = timed(fn, dev)
                 if rep:
                     times[key].append(secs)
                 if key == "R":
                     rf = res
-                else:
+                elif key == "Gram":
                     G = res
-        med = {k: statistics.median(v) for k, v in times.items()}
+        med = {k: statistics.median(v) for k, v in times.items() if v}
         total = nblocks * rows
-        for key in ("R", "Gram"):
+        for key in med:
             log.line(f"stream n={n} {key}", f"{med[key]:.3f} s median of 3 ({total / med[key]:.3e} rows/s, "
                      f"{nblocks} blocks × {rows} rows)")
-        log.line(f"stream n={n} R/Gram", f"{med['R'] / med['Gram']:.2f}x (RFactor block_rows {rf.block_rows})")
+        log.line(f"stream n={n} R/Gram", f"{med['R'] / med['Gram']:.2f}x (RFactor block_rows {rf.block_rows}); "
+                 + ", ".join(f"{k}/Gram {med[k] / med['Gram']:.2f}x" for k in med if k not in ("R", "Gram")))
         err = float((rf.R.T @ rf.R - G).norm() / G.norm())
         log.check(f"stream n={n} RᵀR vs Gram", err <= GRAM_TOL, f"‖RᵀR − G‖/‖G‖ = {err:.1e} ≤ {GRAM_TOL:g}")
         del xs, G
