@@ -3,6 +3,7 @@
 from .allocate import ALLOCATIONS, register_allocation
 from .compress import apply_low_rank, collect_statistics, compress, decompose_layers
 from .config import CalibrationConfig, CompressConfig, OutputConfig, RuntimeConfig
+from .errors import CoalaError, CoalaFileError, CoalaFileNotFoundError, CoalaTypeError
 from .io import load
 from .linalg import (
     METHODS,
@@ -20,6 +21,10 @@ __all__ = [
     "METHODS",
     "ActivationStats",
     "CalibrationConfig",
+    "CoalaError",
+    "CoalaFileError",
+    "CoalaFileNotFoundError",
+    "CoalaTypeError",
     "CompressConfig",
     "Decomposition",
     "OutputConfig",

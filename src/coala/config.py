@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import MISSING, dataclass, field, fields
 
 import torch
 
 from .allocate import allocation_names
+from .errors import CoalaError, CoalaTypeError
 from .linalg.dtypes import ACCUMULATION_DTYPES
 from .linalg.methods import METHODS, get_method
 from .sensitivity import PROBE_RATIOS
@@ -60,7 +62,12 @@ def _rank(text: str) -> int | str:
 
 
 def _optional_int(text: str) -> int | None:
-    return None if text.lower() in ("none", "auto") else int(text)
+    if text.lower() in ("none", "auto"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int, 'auto' or 'none', got {text!r}") from None
 
 
 def option(default, help: str, *, parse: Callable | None = None, choices: Callable[[], Iterable] | None = None,
@@ -80,18 +87,33 @@ def _is_number(v) -> bool:
 
 def _positive_int(value, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        raise CoalaError(f"{name} must be a positive int, got {value!r}", argument=name)
 
 
 def _names(value, name: str) -> tuple[str, ...] | None:
     if value is None:
         return None
     if isinstance(value, str):
-        raise TypeError(f"{name} must be a list of names, not the string {value!r}")
+        raise CoalaTypeError(f"{name} must be a list of names, not the string {value!r}", argument=name)
     out = tuple(value)
     if not all(isinstance(v, str) and v for v in out):
-        raise TypeError(f"every entry of {name} must be a non-empty string, got {value!r}")
+        raise CoalaTypeError(f"every entry of {name} must be a non-empty string, got {value!r}", argument=name)
     return out
+
+
+_SIZE = re.compile(r"\s*\d+(\.\d+)?\s*[KMGT]B\s*", re.IGNORECASE)
+
+
+def _shard_size(value) -> int | str:
+    """An int > 0 (bytes; digits-only strings too) or a size string such as "2GB" / "500MB" (KB, MB, GB, TB)."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    ok = (isinstance(value, int) and not isinstance(value, bool) and value > 0) or (
+        isinstance(value, str) and _SIZE.fullmatch(value) is not None and float(value.strip()[:-2]) > 0)
+    if not ok:
+        raise CoalaError(f"max_shard_size must be a positive number of bytes or a size like '2GB' / '500MB', got "
+                         f"{value!r}", argument="max_shard_size")
+    return value
 
 
 @dataclass(frozen=True)
@@ -132,28 +154,31 @@ class CompressConfig:
         m = get_method(self.method)
         if self.rank is None:
             if not _is_number(self.ratio) or not 0.0 < float(self.ratio) < 1.0:
-                raise ValueError(f"ratio must be strictly between 0 and 1 (the fraction of the targeted "
-                                 f"parameters removed), got {self.ratio!r}")
+                raise CoalaError(f"ratio must be strictly between 0 and 1 (the fraction of the targeted "
+                                 f"parameters removed), got {self.ratio!r}", argument="ratio")
         elif self.rank != "full" and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
-            raise ValueError(f"rank must be a positive int or 'full', got {self.rank!r}")
+            raise CoalaError(f"rank must be a positive int or 'full', got {self.rank!r}", argument="rank")
         if not _is_number(self.mu) or not 0.0 <= self.mu < math.inf:
-            raise ValueError(f"mu must be a finite number >= 0, got {self.mu!r}")
+            raise CoalaError(f"mu must be a finite number >= 0, got {self.mu!r}", argument="mu")
         if (self.mu or self.adaptive_mu) and not m.uses_mu:
-            raise ValueError(f"mu / adaptive_mu apply to method 'coala' only, not {self.method!r}")
+            raise CoalaError(f"mu / adaptive_mu apply to method 'coala' only, not {self.method!r}", argument="mu")
         if self.propagate not in PROPAGATIONS:
-            raise ValueError(f"propagate must be one of {PROPAGATIONS}, got {self.propagate!r}")
+            raise CoalaError(f"propagate must be one of {PROPAGATIONS}, got {self.propagate!r}", argument="propagate")
         if self.allocation != "auto" and self.allocation not in allocation_names():
-            raise ValueError(f"allocation must be 'auto' or one of {allocation_names()}, got {self.allocation!r}")
+            raise CoalaError(f"allocation must be 'auto' or one of {allocation_names()}, got {self.allocation!r}",
+                             argument="allocation")
         _positive_int(self.sensitivity_samples, "sensitivity_samples")
         probes = tuple(self.probe_ratios) if not isinstance(self.probe_ratios, str) else ()
         if not probes or not all(_is_number(p) and 0.0 < p < 1.0 for p in probes):
-            raise ValueError(f"probe_ratios must be numbers in (0, 1), got {self.probe_ratios!r}")
+            raise CoalaError(f"probe_ratios must be numbers in (0, 1), got {self.probe_ratios!r}",
+                             argument="probe_ratios")
         object.__setattr__(self, "probe_ratios", tuple(float(p) for p in probes))
         if self.resolved_allocation == "sensitivity" and self.ratio > max(probes):
-            raise ValueError(f"ratio {self.ratio} exceeds the deepest probe ratio {max(probes)}: the sensitivity "
-                             "allocation does not extrapolate; add a deeper probe_ratios entry")
+            raise CoalaError(f"ratio {self.ratio} exceeds the deepest probe ratio {max(probes)}: the sensitivity "
+                             "allocation does not extrapolate; add a deeper probe_ratios entry", argument="ratio")
         if self.stats_dtype not in STATS_DTYPES:
-            raise ValueError(f"stats_dtype must be one of {sorted(STATS_DTYPES)}, got {self.stats_dtype!r}")
+            raise CoalaError(f"stats_dtype must be one of {sorted(STATS_DTYPES)}, got {self.stats_dtype!r}",
+                             argument="stats_dtype")
         object.__setattr__(self, "targets", _names(self.targets, "targets"))
 
     @property
@@ -193,9 +218,9 @@ class CalibrationConfig:
         _positive_int(self.nsamples, "nsamples")
         _positive_int(self.seqlen, "seqlen")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an int, got {self.seed!r}")
+            raise CoalaError(f"seed must be an int, got {self.seed!r}", argument="seed")
         if self.mode not in CALIB_MODES:
-            raise ValueError(f"calibration mode must be one of {CALIB_MODES}, got {self.mode!r}")
+            raise CoalaError(f"calibration mode must be one of {CALIB_MODES}, got {self.mode!r}", argument="mode")
         if self.batch_size is not None:
             _positive_int(self.batch_size, "batch_size")
 
@@ -220,9 +245,9 @@ class RuntimeConfig:
         try:
             dev = torch.device(self.device)
         except (RuntimeError, TypeError) as err:
-            raise ValueError(f"device {self.device!r} is not a torch device: {err}") from err
+            raise CoalaError(f"device {self.device!r} is not a torch device: {err}", argument="device") from err
         if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r} asked for, but CUDA is not available")
+            raise CoalaError(f"device {self.device!r} asked for, but CUDA is not available", argument="device")
 
 
 @dataclass(frozen=True)
@@ -246,7 +271,8 @@ class OutputConfig:
             if value is not None:
                 object.__setattr__(self, name, str(value))
         if self.resume and not self.out_dir:
-            raise ValueError("resume needs out_dir (the checkpoint lives beside it)")
+            raise CoalaError("resume needs out_dir (the checkpoint lives beside it)", argument="resume")
+        object.__setattr__(self, "max_shard_size", _shard_size(self.max_shard_size))
 
 
 # ---------------------------------------------------------------------------------------------- command line

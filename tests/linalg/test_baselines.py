@@ -166,4 +166,4 @@ def test_stability_benchmark_small_run(tmp_path, capsys):
     p.streamed = RFactor(24)  # has seen no rows: coala-stream fails, and says why
     c = bench.run_method(p, ref, bench.STREAMED)
     assert c.errors is None and "seen no rows" in c.failure
-    assert "FAILED: ValueError" in bench._tables([(p, ref, [c])])[1]
+    assert "FAILED: CoalaError" in bench._tables([(p, ref, [c])])[1]

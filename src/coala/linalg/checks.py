@@ -1,7 +1,8 @@
 """Input validation shared by the numerical core.
 
-Every check raises a ValueError or TypeError whose message says what is wrong and where
-(``where`` is a layer or argument name supplied by the caller). Nothing is repaired silently.
+Every check raises a ``coala.CoalaError`` (a ValueError; ``CoalaTypeError`` for a wrong type, also a TypeError)
+whose message says what is wrong and where (``where`` is a layer or argument name supplied by the caller), with
+``argument`` and ``layer`` set. Nothing is repaired silently.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import operator
 import torch
 from torch import Tensor
 
+from ..errors import CoalaError, CoalaTypeError
+
 
 def _at(where: str | None) -> str:
     return f" in {where}" if where else ""
@@ -20,9 +23,10 @@ def _at(where: str | None) -> str:
 def check_float(t: Tensor, arg: str, where: str | None = None) -> None:
     """Raise TypeError unless ``t`` is a floating-point tensor."""
     if not isinstance(t, Tensor):
-        raise TypeError(f"{arg}{_at(where)} must be a torch.Tensor, got {type(t).__name__}")
+        raise CoalaTypeError(f"{arg}{_at(where)} must be a torch.Tensor, got {type(t).__name__}", argument=arg,
+                             layer=where)
     if not t.is_floating_point():
-        raise TypeError(f"{arg}{_at(where)} must have a floating dtype, got {t.dtype}")
+        raise CoalaTypeError(f"{arg}{_at(where)} must have a floating dtype, got {t.dtype}", argument=arg, layer=where)
 
 
 def check_finite(t: Tensor, arg: str, where: str | None = None) -> None:
@@ -30,30 +34,46 @@ def check_finite(t: Tensor, arg: str, where: str | None = None) -> None:
     bad = t.numel() - int(torch.isfinite(t).sum())
     if bad:
         nan = int(torch.isnan(t).sum())
-        raise ValueError(
+        raise CoalaError(
             f"{arg}{_at(where)} contains {bad} non-finite values ({nan} NaN, {bad - nan} Inf) "
-            f"out of {t.numel()}; fix the inputs (coala never replaces them)"
+            f"out of {t.numel()}; fix the inputs (coala never replaces them)", argument=arg, layer=where,
         )
+
+
+def check_fits(t: Tensor, dtype: torch.dtype, arg: str, where: str | None = None) -> None:
+    """Raise CoalaError when the finite ``t`` has values beyond the range of the narrower ``dtype`` it is about
+    to be cast to (e.g. float64 values above 3.4e38 into float32)."""
+    if t.is_floating_point() and torch.finfo(t.dtype).max > torch.finfo(dtype).max and t.numel():
+        big = float(t.detach().abs().max())
+        if big > torch.finfo(dtype).max:
+            name = str(dtype).removeprefix("torch.")
+            raise CoalaError(f"{arg}{_at(where)} holds values up to {big:.3g}, beyond the range of {name} (max "
+                             f"{torch.finfo(dtype).max:.3g}) it is computed in; pass float64 data (and float64 "
+                             "statistics), or rescale it", argument=arg, layer=where)
 
 
 def check_weight(W: Tensor, where: str | None = None) -> None:
     """W must be a finite floating 2-D (out × in) matrix."""
     check_float(W, "W", where)
     if W.ndim != 2:
-        raise ValueError(f"W{_at(where)} must be 2-D (out_features × in_features), got shape {tuple(W.shape)}")
+        raise CoalaError(f"W{_at(where)} must be 2-D (out_features × in_features), got shape {tuple(W.shape)}",
+                         argument="W", layer=where)
     check_finite(W, "W", where)
 
 
 def check_rank(rank: int, m: int, n: int, where: str | None = None) -> int:
     """Rank must be an integer (int, numpy or 0-dim integer tensor; not bool) in [1, min(m, n)]."""
     if isinstance(rank, bool) or not hasattr(rank, "__index__"):
-        raise TypeError(f"rank{_at(where)} must be an int, got {type(rank).__name__}")
+        raise CoalaTypeError(f"rank{_at(where)} must be an int, got {type(rank).__name__}", argument="rank",
+                             layer=where)
     try:
         rank = operator.index(rank)
     except TypeError:  # e.g. a float tensor, which defines __index__ but refuses
-        raise TypeError(f"rank{_at(where)} must be an int, got {type(rank).__name__} {rank!r}") from None
+        raise CoalaTypeError(f"rank{_at(where)} must be an int, got {type(rank).__name__} {rank!r}",
+                             argument="rank", layer=where) from None
     if not 1 <= rank <= min(m, n):
-        raise ValueError(f"rank{_at(where)} must be in [1, min(out, in)] = [1, {min(m, n)}], got {rank}")
+        raise CoalaError(f"rank{_at(where)} must be in [1, min(out, in)] = [1, {min(m, n)}], got {rank}",
+                         argument="rank", layer=where)
     return rank
 
 
@@ -62,10 +82,11 @@ def check_mu(mu: float, where: str | None = None) -> float:
     if isinstance(mu, Tensor) and mu.numel() == 1 and not mu.is_complex() and mu.dtype != torch.bool:
         mu = mu.item()
     if isinstance(mu, bool) or not isinstance(mu, numbers.Real):
-        raise TypeError(f"mu{_at(where)} must be a real number, got {type(mu).__name__}")
+        raise CoalaTypeError(f"mu{_at(where)} must be a real number, got {type(mu).__name__}", argument="mu",
+                             layer=where)
     mu = float(mu)
     if not mu >= 0.0 or mu == float("inf"):
-        raise ValueError(f"mu{_at(where)} must be a finite number >= 0, got {mu}")
+        raise CoalaError(f"mu{_at(where)} must be a finite number >= 0, got {mu}", argument="mu", layer=where)
     return mu
 
 
@@ -82,20 +103,21 @@ def flatten_rows(x: Tensor, in_features: int, mask: Tensor | None, where: str | 
     """
     check_float(x, "x", where)
     if x.ndim < 1 or x.shape[-1] != in_features:
-        raise ValueError(
-            f"x{_at(where)} must have shape (..., {in_features}), got {tuple(x.shape)}"
-        )
+        raise CoalaError(f"x{_at(where)} must have shape (..., {in_features}), got {tuple(x.shape)}", argument="x",
+                         layer=where)
     rows = x.reshape(-1, in_features)
     if mask is not None:
         if not isinstance(mask, Tensor):
-            raise TypeError(f"mask{_at(where)} must be a torch.Tensor, got {type(mask).__name__}")
+            raise CoalaTypeError(f"mask{_at(where)} must be a torch.Tensor, got {type(mask).__name__}",
+                                 argument="mask", layer=where)
         if tuple(mask.shape) != tuple(x.shape[:-1]):
-            raise ValueError(
-                f"mask{_at(where)} must have shape x.shape[:-1] = {tuple(x.shape[:-1])}, got {tuple(mask.shape)}"
+            raise CoalaError(
+                f"mask{_at(where)} must have shape x.shape[:-1] = {tuple(x.shape[:-1])}, got {tuple(mask.shape)}",
+                argument="mask", layer=where,
             )
         if mask.dtype != torch.bool:
             if not bool(((mask == 0) | (mask == 1)).all()):
-                raise ValueError(f"mask{_at(where)} must be boolean or 0/1")
+                raise CoalaError(f"mask{_at(where)} must be boolean or 0/1", argument="mask", layer=where)
             mask = mask != 0
         rows = rows[mask.reshape(-1).to(rows.device)]
     check_finite(rows, "activations", where)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from ..errors import CoalaError, CoalaTypeError
 from .baselines import asvd_decomposition, svd_decomposition, svd_llm_decomposition, svd_llm_v2_decomposition
-from .checks import check_float, check_mu, check_rank, check_weight, compute_dtype, flatten_rows
+from .checks import check_fits, check_float, check_mu, check_rank, check_weight, compute_dtype, flatten_rows
 from .decomposition import Decomposition
 from .solve import CoalaDecomposition
 from .stats import ActivationStats, stats_from_rows
@@ -54,7 +56,7 @@ METHODS: dict[str, Method] = {
 
 def get_method(method: str) -> Method:
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
+        raise CoalaError(f"unknown method {method!r}; choose from {sorted(METHODS)}", argument="method")
     return METHODS[method]
 
 
@@ -65,36 +67,45 @@ def _context_stats(X: Context, W: Tensor, needs: frozenset[str], method: str, wh
     if isinstance(X, Tensor):
         check_float(X, "X", where)
         if X.ndim != 2 or X.shape[1] != n:
-            raise ValueError(f"X{at} must have shape (tokens, {n}) to match W of shape {tuple(W.shape)}, "
-                             f"got {tuple(X.shape)}")
+            raise CoalaError(f"X{at} must have shape (tokens, {n}) to match W of shape {tuple(W.shape)}, "
+                             f"got {tuple(X.shape)}", argument="X", layer=where)
         if X.shape[0] == 0:
-            raise ValueError(f"X{at} has no rows")
-        rows = flatten_rows(X, n, None, where).to(device=W.device, dtype=compute_dtype(W, X))
+            raise CoalaError(f"X{at} has no rows", argument="X", layer=where)
+        rows = flatten_rows(X, n, None, where)
+        check_fits(rows, compute_dtype(W, X), "X", where)
+        rows = rows.to(device=W.device, dtype=compute_dtype(W, X))
         return stats_from_rows(rows, needs, rows.dtype)
     if X is None:
         if needs:
-            raise TypeError(f"method {method!r}{at} needs calibration activations X (a tensor or statistics)")
+            raise CoalaTypeError(f"method {method!r}{at} needs calibration activations X (a tensor or statistics)",
+                                 argument="X", layer=where)
         return ActivationStats(n, (), name=where)
     if isinstance(X, RFactor):
         if X.in_features != n:
-            raise ValueError(f"RFactor{at} has in_features={X.in_features}, but W has {n} input columns")
+            raise CoalaError(f"RFactor{at} has in_features={X.in_features}, but W has {n} input columns",
+                             argument="X", layer=where)
         if needs and X.num_rows == 0:
-            raise ValueError(f"RFactor{at} has seen no rows: run calibration data through it first")
+            raise CoalaError(f"RFactor{at} has seen no rows: run calibration data through it first", argument="X",
+                             layer=where)
         stats = ActivationStats(n, (), dtype=X.dtype, name=where)
         stats.r, stats.num_rows = X, X.num_rows
         X = stats
     if not isinstance(X, ActivationStats):
-        raise TypeError(f"X{at} must be a Tensor, an RFactor or ActivationStats, got {type(X).__name__}")
+        raise CoalaTypeError(f"X{at} must be a Tensor, an RFactor or ActivationStats, got {type(X).__name__}",
+                             argument="X", layer=where)
     if X.in_features != n:
-        raise ValueError(f"statistics{at} have in_features={X.in_features}, but W has {n} input columns")
+        raise CoalaError(f"statistics{at} have in_features={X.in_features}, but W has {n} input columns",
+                         argument="X", layer=where)
     missing = needs - X.kinds
     if missing:
-        raise TypeError(
+        raise CoalaTypeError(
             f"method {method!r}{at} needs statistics {sorted(missing)} that were not collected "
-            f"(got {sorted(X.kinds)}); pass the activation tensor X, or ActivationStats with those kinds"
+            f"(got {sorted(X.kinds)}); pass the activation tensor X, or ActivationStats with those kinds",
+            argument="X", layer=where,
         )
     if needs and X.num_rows == 0:
-        raise ValueError(f"statistics{at} have seen no rows: run calibration data through them first")
+        raise CoalaError(f"statistics{at} have seen no rows: run calibration data through them first",
+                         argument="X", layer=where)
     return X
 
 
@@ -115,9 +126,10 @@ def decompose(
     check_weight(W, name)
     mu = check_mu(mu, name)
     if (mu or adaptive_mu) and not m.uses_mu:
-        raise ValueError(f"mu / adaptive_mu apply to method 'coala' only, not {method!r}")
+        raise CoalaError(f"mu / adaptive_mu apply to method 'coala' only, not {method!r}", argument="mu", layer=name)
     ctx_dtype = getattr(X, "dtype", W.dtype)  # a tensor's, an RFactor's or ActivationStats' accumulation dtype
     cdtype = torch.float64 if (W.dtype == torch.float64 and ctx_dtype == torch.float64) else torch.float32
+    check_fits(W, cdtype, "W", name)
     stats = _context_stats(X, W, m.needs, method, name)
     return m.build(W.to(cdtype), stats, mu, adaptive_mu, name)
 
@@ -142,7 +154,21 @@ def approximate(
     check_weight(W, name)
     rank = check_rank(rank, W.shape[0], W.shape[1], name)
     A, B = decompose(W, X, method=method, mu=mu, adaptive_mu=adaptive_mu, name=name).factors(rank)
-    return A.to(W.dtype), B.to(W.dtype)
+    return _in_dtype(A, B, W.dtype, name)
+
+
+def _in_dtype(A: Tensor, B: Tensor, dtype: torch.dtype, name: str | None) -> tuple[Tensor, Tensor]:
+    """A, B cast to ``dtype``; when B's entries exceed its range (float16 holds up to 65504), a power of two
+    moves from B to A (A = U_r has entries ≤ 1), which leaves A @ B unchanged."""
+    big, limit = float(B.abs().max()) if B.numel() else 0.0, torch.finfo(dtype).max / 2
+    if big > limit:
+        scale = 2.0 ** math.ceil(math.log2(big / limit))
+        A, B = A * scale, B / scale
+    A, B = A.to(dtype), B.to(dtype)
+    if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())):
+        raise CoalaError(f"the rank factors of W{f' in {name}' if name else ''} do not fit {dtype}: pass W in "
+                         "float32", argument="W", layer=name)
+    return A, B
 
 
 def truncation_loss(W: Tensor, X: Tensor | RFactor | ActivationStats) -> Tensor:

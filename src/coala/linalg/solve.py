@@ -7,6 +7,8 @@ Nothing is inverted and XᵀX is never formed. All arithmetic runs in the dtype 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -56,7 +58,31 @@ class CoalaDecomposition(Decomposition):
         return Ur.contiguous(), Ur.T @ self.W
 
 
+def _exponent(t: Tensor) -> int:
+    """e with max|t| in [2^(e-1), 2^e) (0 for an all-zero t)."""
+    big = float(t.abs().max()) if t.numel() else 0.0
+    return math.frexp(big)[1] if big > 0 else 0
+
+
+def _scaled(t: Tensor, e: int) -> Tensor:
+    """t · 2^-e, exactly (two factors, so that neither overflows the dtype)."""
+    half = -e // 2
+    return t * 2.0**half * 2.0 ** (-e - half)
+
+
 def _left_singular(W: Tensor, R: Tensor) -> tuple[Tensor, Tensor]:
-    """U (out × k) and Σ (k,) of W Rᵀ, k = min(out, in)."""
-    U, S, _ = torch.linalg.svd(W @ R.T, full_matrices=False)
-    return U, S
+    """U (out × k) and Σ (k,, float64) of W Rᵀ, k = min(out, in).
+
+    When the product could overflow, or lose precision to underflow (huge or tiny weights / activations), W and R
+    are first scaled by powers of two (exact; U does not change) and Σ is scaled back in float64.
+    """
+    fi = torch.finfo(W.dtype)
+    e = _exponent(W) + _exponent(R)
+    safe = math.log2(fi.tiny) + fi.bits < e < math.log2(fi.max) - math.log2(W.shape[1]) - 2
+    if safe:
+        U, S, _ = torch.linalg.svd(W @ R.T, full_matrices=False)
+        return U, S.to(torch.float64)
+    eW, eR = _exponent(W), _exponent(R)
+    U, S, _ = torch.linalg.svd(_scaled(W, eW) @ _scaled(R, eR).T, full_matrices=False)
+    S = S.to(torch.float64)
+    return U, torch.ldexp(S, torch.tensor(eW + eR, device=S.device))  # overflows to inf, never raises

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .checks import check_mu, flatten_rows
+from ..errors import CoalaError, CoalaTypeError
+from .checks import check_fits, check_mu, flatten_rows
 from .dtypes import ACCUMULATION_DTYPES
 from .qr_update import normalize_signs, r_of_stacked, update_r_
 
@@ -58,15 +59,15 @@ class RFactor:
         name: str | None = None,
     ) -> None:
         if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
-            raise ValueError(f"in_features must be a positive int, got {in_features!r}")
+            raise CoalaError(f"in_features must be a positive int, got {in_features!r}", argument="in_features")
         if dtype not in ACCUMULATION_DTYPES.values():
-            raise TypeError(f"RFactor dtype must be torch.float32 or torch.float64, got {dtype}")
+            raise CoalaTypeError(f"RFactor dtype must be torch.float32 or torch.float64, got {dtype}", argument="dtype")
         self.in_features = in_features
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.block_rows = int(block_rows) if block_rows is not None else default_block_rows(in_features, self.device)
         if self.block_rows < 1:
-            raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+            raise CoalaError(f"block_rows must be >= 1, got {block_rows}", argument="block_rows")
         self.name = name
         self.num_rows = 0
         self._R = torch.zeros(in_features, in_features, dtype=dtype, device=self.device)
@@ -81,8 +82,10 @@ class RFactor:
         return self.add_rows(flatten_rows(x, self.in_features, mask, where=self.name))
 
     def add_rows(self, rows: Tensor) -> RFactor:
-        """Add already validated rows (N × in_features, any floating dtype); upcast block by block."""
+        """Add already validated rows (N × in_features, any floating dtype); upcast block by block (CoalaError when
+        float64 rows exceed a float32 accumulation's range)."""
         rows = rows.detach()  # statistics are data: no autograd graph is kept alive across the stream
+        check_fits(rows, self.dtype, "x", self.name)
         self.num_rows += rows.shape[0]
         start = 0
         while start < rows.shape[0]:
@@ -107,10 +110,11 @@ class RFactor:
     def merge(self, other: RFactor) -> RFactor:
         """Fold another factor of the same width into this one (a TSQR tree step): R ← R([R₁; R₂])."""
         if not isinstance(other, RFactor):
-            raise TypeError(f"merge expects an RFactor, got {type(other).__name__}")
+            raise CoalaTypeError(f"merge expects an RFactor, got {type(other).__name__}", argument="other")
         if other.in_features != self.in_features:
-            raise ValueError(
-                f"cannot merge RFactor of in_features={other.in_features} into one of {self.in_features}"
+            raise CoalaError(
+                f"cannot merge RFactor of in_features={other.in_features} into one of {self.in_features}",
+                argument="other",
             )
         self._flush()
         other_R = other.R.to(device=self.device, dtype=self.dtype)
@@ -121,8 +125,14 @@ class RFactor:
     # ------------------------------------------------------------------ results
     @property
     def R(self) -> Tensor:
-        """(n × n) upper triangular, diag ≥ 0, RᵀR = XᵀX of all rows seen; in ``dtype``."""
+        """(n × n) upper triangular, diag ≥ 0, RᵀR = XᵀX of all rows seen; in ``dtype`` (CoalaError when it
+        overflowed: activations too large for the accumulation dtype)."""
         self._flush()
+        if not bool(torch.isfinite(self._R).all()):
+            where = f" of {self.name}" if self.name else ""
+            raise CoalaError(f"the R factor{where} overflowed {str(self.dtype).removeprefix('torch.')}: the "
+                             "activations are too large for it; accumulate in float64 or rescale them",
+                             argument="x", layer=self.name)
         self._R = normalize_signs(self._R)
         self._R_shared = True
         return self._R
@@ -136,7 +146,8 @@ class RFactor:
         """Raise if no rows were seen (a solve on an empty factor would be meaningless)."""
         if self.num_rows == 0:
             where = f" for {self.name}" if self.name else ""
-            raise ValueError(f"RFactor{where} has seen no rows: run calibration data through it first")
+            raise CoalaError(f"RFactor{where} has seen no rows: run calibration data through it first",
+                             layer=self.name)
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:
