@@ -14,10 +14,12 @@ Folder layout written by ``save_compressed`` (a Hugging Face-like folder):
 LowRankLinear; ``low_rank`` {module name: {"in_features", "out_features", "rank", "bias"}}; ``tied``
 {dropped key: kept key} for weights shared between modules (a tied lm_head is stored once, under the
 input embedding's key, and re-tied on load); ``weights`` (the file or index name); ``dtypes`` (of the stored
-floating tensors); ``versions`` (torch, transformers, safetensors, coala).
+floating tensors); ``versions`` (torch, transformers, safetensors, coala); ``checksums`` {file: SHA-256} of the
+weights files (and the index), verified by ``load`` (``verify=False`` skips it; folders without it load as before).
 
-Saving is atomic: everything is written into a temporary sibling folder ``.NAME.tmp-XXXX`` which is renamed
-into place at the end; on any error it is removed and no (half-written) NAME folder appears.
+Saving is atomic and durable: everything is written into a temporary sibling folder ``.NAME.tmp-XXXX``, fsynced,
+and renamed into place at the end (an existing NAME is swapped atomically where the OS can); on any error it is
+removed and no (half-written) NAME folder appears.
 
 The resumable block checkpoint used by block-by-block compression lives in ``coala.checkpoint``
 (``BlockCheckpoint``, re-exported here).
@@ -39,6 +41,8 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import BlockCheckpoint
+from .errors import CoalaError, CoalaFileError, CoalaFileNotFoundError
+from .integrity import check_model_class, check_sha256, fault_point, replace_dir, safetensors_header, sha256_file
 from .lowrank import LowRankLinear, low_rank_layers, replace_module
 from .version import __version__
 
@@ -49,10 +53,10 @@ META_FILE = "coala.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 RESERVED_META_KEYS = (  # coala.json keys save_compressed writes itself (a caller's meta may not use them)
-    "format_version", "model_class", "ranks", "low_rank", "tied", "weights", "dtypes", "versions")
+    "format_version", "model_class", "ranks", "low_rank", "tied", "weights", "dtypes", "versions", "checksums")
 
 
-class OutputExistsError(FileExistsError, ValueError):
+class OutputExistsError(CoalaFileError, FileExistsError):
     """The output folder exists and is not empty (pass overwrite=True to replace it)."""
 
 
@@ -78,7 +82,8 @@ def _dedup_shared(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str
     return out, tied
 
 
-def _write_weights(state: dict[str, Tensor], folder: Path, max_shard_size: int | str) -> str:
+def _write_weights(state: dict[str, Tensor], folder: Path, max_shard_size: int | str) -> tuple[str, list[str]]:
+    """(the weights entry of coala.json: the file or the index, every file written)."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
     split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
@@ -86,11 +91,13 @@ def _write_weights(state: dict[str, Tensor], folder: Path, max_shard_size: int |
         shard = {k: state[k].detach().to("cpu").contiguous() for k in keys}
         safetensors.torch.save_file(shard, str(folder / filename), metadata={"format": "pt"})
         del shard
+        fault_point(f"{filename} written")
+    files = list(split.filename_to_tensors)
     if not split.is_sharded:
-        return next(iter(split.filename_to_tensors))
+        return files[0], files
     index = {"metadata": dict(split.metadata), "weight_map": dict(sorted(split.tensor_to_filename.items()))}
     (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    return INDEX_FILE
+    return INDEX_FILE, [*files, INDEX_FILE]
 
 
 def _versions() -> dict[str, str]:
@@ -102,22 +109,6 @@ def _versions() -> dict[str, str]:
         "safetensors": safetensors.__version__,
         "coala": __version__,
     }
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished tmp folder to out; an existing out is swapped aside first and removed afterwards."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.replace(out, old / out.name)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old / out.name, out)
-        shutil.rmtree(old, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_compressed(
@@ -143,7 +134,9 @@ def save_compressed(
 
     Returns: the folder path. Raises OutputExistsError (a FileExistsError and ValueError) when ``out_dir``
     exists and is not empty; TypeError for a model without a config or a non-dict meta; ValueError for a
-    reserved key in meta. Any error while writing leaves neither ``out_dir`` nor the temporary folder behind.
+    reserved key in meta; CoalaFileError naming ``out_dir`` when writing fails (disk full, permissions). Any
+    error while writing leaves neither ``out_dir`` nor the temporary folder behind; every file is fsynced before
+    the folder is renamed into place.
     """
     if not isinstance(meta, dict):
         raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
@@ -156,14 +149,18 @@ def save_compressed(
     out = Path(os.path.abspath(out_dir))
     if out.exists():
         if not out.is_dir():
-            raise OutputExistsError(f"output path {out} exists and is not a folder")
+            raise OutputExistsError(f"output path {out} exists and is not a folder", path=out)
         if any(out.iterdir()) and not overwrite:
-            raise OutputExistsError(f"output folder {out} exists and is not empty (pass overwrite=True to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+            raise OutputExistsError(f"output folder {out} exists and is not empty (pass overwrite=True to replace it)",
+                                    path=out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as err:
+        raise CoalaFileError(f"cannot create the output folder {out}: {err}", path=out) from err
     try:
         state, tied = _dedup_shared(model.state_dict())
-        weights = _write_weights(state, tmp, max_shard_size)
+        weights, files = _write_weights(state, tmp, max_shard_size)
         config.save_pretrained(tmp)
         gen = getattr(model, "generation_config", None)
         if gen is not None and callable(getattr(model, "can_generate", None)) and model.can_generate():
@@ -189,35 +186,44 @@ def save_compressed(
             weights=weights,
             dtypes=sorted({str(t.dtype).removeprefix("torch.") for t in state.values() if t.is_floating_point()}),
             versions=_versions(),
+            checksums={name: sha256_file(tmp / name) for name in files},
         )
         with open(tmp / META_FILE, "w") as f:
             json.dump(record, f, indent=2)  # raises TypeError on a non-JSON value: the folder is discarded
             f.write("\n")
-        _replace_dir(tmp, out)
-    except BaseException:
+        fault_point(f"{META_FILE} written")
+        replace_dir(tmp, out)
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError) and not isinstance(err, CoalaError):
+            raise CoalaFileError(f"could not write the model to {out}: {err}; nothing was written there",
+                                 path=out) from err
         raise
     return out
 
 
 def read_meta(path: str | os.PathLike) -> dict:
-    """The parsed coala.json of a saved folder (FileNotFoundError / ValueError naming the path)."""
+    """The parsed coala.json of a saved folder (CoalaFileNotFoundError / CoalaFileError naming the path)."""
     folder = Path(path)
     if not folder.is_dir():
-        raise FileNotFoundError(f"no compressed model folder at {folder}")
+        raise CoalaFileNotFoundError(f"no compressed model folder at {folder}", path=folder)
     meta_path = folder / META_FILE
     if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} not found: {folder} is not a folder written by coala.save_compressed")
+        raise CoalaFileNotFoundError(
+            f"{meta_path} not found: {folder} is not a folder written by coala.save_compressed", path=meta_path)
     try:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{meta_path} is not valid JSON: {e}") from e
+        raise CoalaFileError(f"{meta_path} is not valid JSON: {e}", path=meta_path) from e
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         found = meta.get("format_version") if isinstance(meta, dict) else None
-        raise ValueError(f"{meta_path}: unsupported format_version {found!r} (this coala reads {FORMAT_VERSION})")
-    for key, kind in (("model_class", str), ("low_rank", dict), ("tied", dict), ("weights", str)):
+        raise CoalaFileError(f"{meta_path}: unsupported format_version {found!r} (this coala reads {FORMAT_VERSION})",
+                             path=meta_path)
+    for key, kind in (("model_class", str), ("low_rank", dict), ("tied", dict), ("weights", str),
+                      ("checksums", (dict, type(None)))):
         if not isinstance(meta.get(key), kind):
-            raise ValueError(f"{meta_path}: {key!r} must be a {kind.__name__}, got {meta.get(key)!r:.80}")
+            what = kind.__name__ if isinstance(kind, type) else kind[0].__name__
+            raise CoalaFileError(f"{meta_path}: {key!r} must be a {what}, got {meta.get(key)!r:.80}", path=meta_path)
     return meta
 
 
@@ -239,16 +245,22 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original
 
 
-def _read_state(folder: Path, weights: str, device: str) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Tensors of the folder and, for each key, the file it came from."""
+def _read_state(folder: Path, weights: str, device: str,
+                checksums: dict[str, str] | None) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors of the folder and, for each key, the file it came from. Every file is checked first: complete
+    (safetensors header and data), and with ``checksums`` ({file: SHA-256}) unchanged since it was saved."""
     path = folder / weights
     if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} not found")
+        raise CoalaFileNotFoundError(f"weights file {path} not found", path=path)
+    checksums = checksums or {}
+    if weights in checksums:
+        check_sha256(path, checksums[weights], folder / META_FILE)
     if weights.endswith(".index.json"):
         try:
             weight_map = json.loads(path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{path} is not a valid safetensors index (needs a 'weight_map'): {e}") from e
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise CoalaFileError(f"{path} is not a valid safetensors index (needs a 'weight_map'): {e}",
+                                 path=path) from e
         files = sorted(set(weight_map.values()))
     else:
         files = [weights]
@@ -257,7 +269,10 @@ def _read_state(folder: Path, weights: str, device: str) -> tuple[dict[str, Tens
     for name in files:
         shard = folder / name
         if not shard.is_file():
-            raise FileNotFoundError(f"weights shard {shard} (listed in {path}) not found")
+            raise CoalaFileNotFoundError(f"weights shard {shard} (listed in {path}) not found", path=shard)
+        safetensors_header(shard)  # an empty or truncated file raises CoalaFileError naming it
+        if name in checksums:
+            check_sha256(shard, checksums[name], folder / META_FILE)
         for key, t in safetensors.torch.load_file(str(shard), device=device).items():
             state[key] = t
             origin[key] = name
@@ -279,6 +294,7 @@ def load(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     model_cls: type | None = None,
+    verify: bool = True,
 ) -> nn.Module:
     """Rebuild a model written by ``save_compressed``: same class, LowRankLinear layers, tied weights, eval().
 
@@ -287,21 +303,33 @@ def load(
         device: where the model goes (default CPU); tensors are read straight onto it.
         dtype: cast the stored floating weights to this dtype (default: as stored).
         model_cls: the model class when it is not a transformers class (default: ``transformers.<model_class>``).
+        verify: check each weights file against the SHA-256 that ``coala.json`` records (one extra read of the
+            weights; False skips it). Every file is checked for completeness either way.
 
     Nothing is downloaded: the architecture is built from the saved config with parameters on the meta
     device, the recorded low-rank layers are swapped in, and the stored tensors are assigned strictly.
 
-    Raises: FileNotFoundError (missing folder, coala.json or weights file); ValueError (bad coala.json, or
-    missing / unexpected / wrongly shaped tensors, naming the file).
+    Raises ``CoalaError`` naming the file: ``CoalaFileNotFoundError`` (missing folder, coala.json or weights
+    file), ``CoalaFileError`` (bad coala.json or config.json, a truncated or changed weights file), CoalaError
+    (coala.json's model class does not match config.json; missing / unexpected / wrongly shaped tensors).
     """
     from transformers import AutoConfig, GenerationConfig
 
     folder = Path(path)
     meta = read_meta(folder)
     cls = model_cls if model_cls is not None else _model_class(meta["model_class"])
-    config = AutoConfig.from_pretrained(str(folder))
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError) as e:
+        raise CoalaFileError(f"{folder / 'config.json'} cannot be read as a model config: {e}",
+                             path=folder / "config.json") from e
+    check_model_class(cls, config, folder / META_FILE)
     with _parameters_on_meta():
-        model = cls._from_config(config, dtype=dtype) if dtype is not None else cls._from_config(config)
+        try:
+            model = cls._from_config(config, dtype=dtype) if dtype is not None else cls._from_config(config)
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise CoalaError(f"{folder}: {cls.__name__} cannot be built from {folder / 'config.json'}: {e}",
+                             path=folder) from e
         for name, spec in meta["low_rank"].items():
             try:
                 new = LowRankLinear(
@@ -311,7 +339,7 @@ def load(
             except (KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"{folder / META_FILE}: bad low-rank entry {name!r}: {e}") from e
     device_str = str(torch.device(device)) if device is not None else "cpu"
-    state, origin = _read_state(folder, meta["weights"], device_str)
+    state, origin = _read_state(folder, meta["weights"], device_str, meta.get("checksums") if verify else None)
     if dtype is not None:
         state = {k: t.to(dtype) if t.is_floating_point() else t for k, t in state.items()}
     tied: dict[str, str] = meta["tied"]
