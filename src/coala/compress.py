@@ -25,11 +25,13 @@ from tqdm.auto import tqdm
 from .blocks import normalize_batches
 from .compress_report import CompressionReport, LayerReport, peak_memory
 from .config import CalibrationConfig, CompressConfig, OutputConfig, RuntimeConfig
+from .errors import CoalaTypeError
 from .layer_solve import decompose_layer, restore_layers, solve_layers
 from .linalg.decomposition import Decomposition
 from .linalg.stats import ActivationStats
 from .lowrank import linear_shape, model_device
 from .planning import plan_from_decompositions, plan_in_pass
+from .preflight import check_model
 from .resume import INTERRUPT_ENV, SimulatedInterruption, fingerprint, offload_dir, prepare_output
 from .walker import BlockStep, BlockWalker
 
@@ -45,7 +47,7 @@ class BlockResult:
 def _check(value, cls: type, arg: str):
     value = cls() if value is None else value
     if not isinstance(value, cls):
-        raise TypeError(f"{arg} must be a coala.{cls.__name__}, got {type(value).__name__}")
+        raise CoalaTypeError(f"{arg} must be a coala.{cls.__name__}, got {type(value).__name__}", argument=arg)
     return value
 
 
@@ -53,8 +55,8 @@ def calibration_set(model: nn.Module, calibration, data: CalibrationConfig, toke
     """Batches + a JSON description, from a source name / path (tokenized here) or ready batches."""
     if isinstance(calibration, (str, os.PathLike)):
         if tokenizer is None:
-            raise TypeError("a tokenizer is needed to tokenize the calibration source "
-                            f"{str(calibration)!r} (pass tokenizer=)")
+            raise CoalaTypeError("a tokenizer is needed to tokenize the calibration source "
+                             f"{str(calibration)!r} (pass tokenizer=)", argument="tokenizer")
         from .data import calibration_batches
 
         mode = data.mode
@@ -87,14 +89,17 @@ def compress(model: nn.Module, calibration="builtin", config: CompressConfig | N
         config: what to compute (default: 20 % removed with COALA). data / runtime / output: see ``coala.config``.
         tokenizer: to tokenize a named calibration source, and saved with the model.
 
-    Returns a ``CompressionReport``. Bad settings raise before anything is written (ValueError / TypeError /
-    FileNotFoundError / FileExistsError); NaN activations raise a ValueError naming the block. The output is
-    written atomically; after a failure the in-memory ``model`` may hold the blocks finished so far, and their
-    checkpoint lets ``output.resume`` go on.
+    Returns a ``CompressionReport``. Bad settings, missing targets, a NaN / Inf weight (named), an output or
+    checkpoint folder that cannot be written and an unreadable calibration file raise a ``coala.CoalaError``
+    (a ValueError; ``CoalaFileError`` / ``CoalaFileNotFoundError`` are also OSErrors) before any calibration
+    and before anything is written; NaN activations raise a ValueError naming the block. The output is written
+    atomically and durably; after a failure the in-memory ``model`` may hold the blocks finished so far, and
+    their checkpoint lets ``output.resume`` go on (a damaged checkpoint block is recomputed).
     """
     config, data = _check(config, CompressConfig, "config"), _check(data, CalibrationConfig, "data")
     runtime, output = _check(runtime, RuntimeConfig, "runtime"), _check(output, OutputConfig, "output")
     t_start = time.perf_counter()
+    check_model(model, config.targets)
     ckpt = prepare_output(output)
     batches, description = calibration_set(model, calibration, data, tokenizer)
     model.eval()
@@ -181,6 +186,7 @@ def collect_statistics(model: nn.Module, calibration="builtin", config: Compress
     """
     config, data = _check(config, CompressConfig, "config"), _check(data, CalibrationConfig, "data")
     runtime = _check(runtime, RuntimeConfig, "runtime")
+    check_model(model, config.targets)
     batches, _ = calibration_set(model, calibration, data, tokenizer)
     model.eval()
     walker = BlockWalker(model, batches, targets=config.targets, device=runtime.device, progress=runtime.progress,

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .errors import CoalaError, CoalaFileError, CoalaFileNotFoundError, CoalaTypeError
+
 _DOC_MODULES = (
     "argparse", "asyncio", "collections", "csv", "dataclasses", "datetime", "decimal", "email", "enum",
     "fractions", "functools", "http.client", "inspect", "io", "itertools", "json", "logging", "math",
@@ -126,11 +128,34 @@ def _load_hub(source: str, split: str) -> list[str]:
     return list(data["text"])
 
 
+def _decode(path: Path, data: bytes) -> str:
+    """UTF-8 text of a file (a BOM is dropped); CoalaFileError naming the file, line and byte otherwise."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise CoalaFileError(
+            f"calibration file {str(path)!r} is not UTF-8 text: byte 0x{data[err.start]:02x} at offset {err.start} "
+            f"(line {line}) cannot be decoded; convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)",
+            path=path) from None
+
+
 def _read_file(path: Path) -> list[str]:
     """Documents of a local file: .txt (separated by blank lines) or .jsonl (one object per line, field "text")."""
+    if path.is_dir():
+        raise CoalaFileError(f"calibration file {str(path)!r} is a folder; expected a .txt or .jsonl file", path=path)
     if not path.is_file():
-        raise FileNotFoundError(f"calibration file {str(path)!r} does not exist")
-    raw = path.read_text(encoding="utf-8")
+        raise CoalaFileNotFoundError(f"calibration file {str(path)!r} does not exist", path=path)
+    if path.suffix not in (".jsonl", ".txt", ".text", ".md", ""):
+        raise CoalaError(f"calibration file {str(path)!r}: expected a .txt or .jsonl file, got {path.suffix!r}",
+                         path=path)
+    try:
+        raw = _decode(path, path.read_bytes())
+    except OSError as err:
+        if isinstance(err, CoalaError):
+            raise
+        raise CoalaFileError(f"calibration file {str(path)!r} cannot be read: {err.strerror or err}",
+                             path=path) from err
     if path.suffix == ".jsonl":
         docs = []
         for lineno, line in enumerate(raw.splitlines(), 1):
@@ -139,17 +164,15 @@ def _read_file(path: Path) -> list[str]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
+                raise CoalaError(f"{path}:{lineno}: not valid JSON ({err.msg})", path=path) from err
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with a string field 'text'")
+                raise CoalaError(f"{path}:{lineno}: expected a JSON object with a string field 'text'", path=path)
             docs.append(obj["text"])
-    elif path.suffix in (".txt", ".text", ".md", ""):
-        docs = re.split(r"\n\s*\n", raw)
     else:
-        raise ValueError(f"calibration file {str(path)!r}: expected a .txt or .jsonl file, got {path.suffix!r}")
+        docs = re.split(r"\n\s*\n", raw)
     docs = [d.strip() for d in docs if d.strip()]
     if not docs:
-        raise ValueError(f"calibration file {str(path)!r} contains no text")
+        raise CoalaError(f"calibration file {str(path)!r} contains no text", path=path)
     return docs
 
 
@@ -160,7 +183,8 @@ def load_texts(source: str | os.PathLike, split: str = "train") -> list[str]:
             return builtin_texts(split)
         return _load_hub(source, split)
     if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"calibration source must be a name or a path, got {type(source).__name__}")
+        raise CoalaTypeError(f"calibration source must be a name or a path, got {type(source).__name__}",
+                             argument="source")
     return _read_file(Path(source))
 
 

