@@ -8,6 +8,7 @@ the built-in offline corpus: ``coala compress`` works offline on a fresh machine
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def add_parser(sub) -> None:
     p.add_argument("--json", dest="json_path", default=None, help="also write the report as JSON to this file")
     for cls in (CompressConfig, CalibrationConfig, RuntimeConfig, OutputConfig):
         add_arguments(p, cls)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, interrupt_hint=interrupt_hint)
 
 
 def default_out(model: str | None) -> str:
@@ -40,14 +41,30 @@ def default_out(model: str | None) -> str:
     return f"compressed-{name}"
 
 
+def interrupt_hint(args: argparse.Namespace) -> str:
+    """What an interrupted ``coala compress`` left behind, for the one line the CLI prints."""
+    out = args.out_dir or default_out(args.model)
+    work = Path(args.work_dir or f"{out}.partial")
+    if any(work.glob("block-*.json")):
+        return f"; the finished blocks are kept in {work}: rerun the same command with --resume to continue"
+    return "; no block was finished and nothing was written"
+
+
 def run(args: argparse.Namespace) -> int:
     from coala.compress import compress
     from coala.config import CalibrationConfig, CompressConfig, OutputConfig, RuntimeConfig, from_arguments
+    from coala.errors import CoalaFileError
     from coala.models import load_model
+    from coala.preflight import check_writable
 
     config = from_arguments(CompressConfig, args)
     data, runtime = from_arguments(CalibrationConfig, args), from_arguments(RuntimeConfig, args)
     output = from_arguments(OutputConfig, args, out_dir=args.out_dir or default_out(args.model))
+    if args.json_path:  # checked now, not after the whole run
+        if Path(args.json_path).is_dir():
+            raise CoalaFileError(f"--json {args.json_path} is a folder; give a file name", path=args.json_path,
+                                 argument="--json")
+        check_writable(Path(os.path.abspath(args.json_path)).parent, "report file", "--json", shown=args.json_path)
     model, tokenizer, source = load_model(args.model, dtype=args.dtype)
     amount = (f"rank {config.rank}" if config.rank is not None
               else f"{100 * config.ratio:g}% of targeted parameters removed")
