@@ -186,8 +186,9 @@ def safetensors_header(path: str | os.PathLike) -> dict[str, dict]:
         if len(head) < 8:
             raise damaged(f"{size} bytes, shorter than the 8-byte header length")
         (n,) = struct.unpack("<Q", head)
-        if n > size - 8:
-            raise damaged(f"the header needs {n} bytes, the file holds {size - 8} after the length")
+        if n > min(size - 8, 1 << 28):  # safetensors headers are at most 100 MB
+            raise damaged(f"truncated: the header needs {n} bytes, the file holds {size - 8} after its length"
+                          if n <= 1 << 28 else f"a header length of {n} bytes is not plausible")
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:

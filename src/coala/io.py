@@ -97,6 +97,7 @@ def _write_weights(state: dict[str, Tensor], folder: Path, max_shard_size: int |
         return files[0], files
     index = {"metadata": dict(split.metadata), "weight_map": dict(sorted(split.tensor_to_filename.items()))}
     (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    fault_point(f"{INDEX_FILE} written")
     return INDEX_FILE, [*files, INDEX_FILE]
 
 
@@ -167,6 +168,7 @@ def save_compressed(
             gen.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        fault_point("config and tokenizer written")
         layers = low_rank_layers(model)
         record = dict(meta)
         record.update(
@@ -253,9 +255,9 @@ def _read_state(folder: Path, weights: str, device: str,
     if not path.is_file():
         raise CoalaFileNotFoundError(f"weights file {path} not found", path=path)
     checksums = checksums or {}
-    if weights in checksums:
-        check_sha256(path, checksums[weights], folder / META_FILE)
     if weights.endswith(".index.json"):
+        if weights in checksums:
+            check_sha256(path, checksums[weights], folder / META_FILE)
         try:
             weight_map = json.loads(path.read_text())["weight_map"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
