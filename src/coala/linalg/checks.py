@@ -41,14 +41,15 @@ def check_finite(t: Tensor, arg: str, where: str | None = None) -> None:
 
 
 def check_fits(t: Tensor, dtype: torch.dtype, arg: str, where: str | None = None) -> None:
-    """Raise CoalaError when the finite ``t`` has values beyond the range of the narrower ``dtype`` it is about
-    to be cast to (e.g. float64 values above 3.4e38 into float32)."""
+    """Raise CoalaError when the finite ``t`` does not fit the narrower ``dtype`` it is about to be cast to: values
+    beyond its range (float64 above 3.4e38 into float32), or all of them below its smallest normal number (they
+    would become zero or lose their precision)."""
     if t.is_floating_point() and torch.finfo(t.dtype).max > torch.finfo(dtype).max and t.numel():
-        big = float(t.detach().abs().max())
-        if big > torch.finfo(dtype).max:
+        big, fi = float(t.detach().abs().max()), torch.finfo(dtype)
+        if big > fi.max or 0 < big < fi.tiny:
             name = str(dtype).removeprefix("torch.")
-            raise CoalaError(f"{arg}{_at(where)} holds values up to {big:.3g}, beyond the range of {name} (max "
-                             f"{torch.finfo(dtype).max:.3g}) it is computed in; pass float64 data (and float64 "
+            raise CoalaError(f"{arg}{_at(where)} holds values up to {big:.3g}, outside the range of {name} "
+                             f"({fi.tiny:.3g} .. {fi.max:.3g}) it is computed in; pass float64 data (and float64 "
                              "statistics), or rescale it", argument=arg, layer=where)
 
 
@@ -95,11 +96,12 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if all(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def flatten_rows(x: Tensor, in_features: int, mask: Tensor | None, where: str | None = None) -> Tensor:
+def flatten_rows(x: Tensor, in_features: int, mask: Tensor | None, where: str | None = None,
+                 arg: str = "activations") -> Tensor:
     """Reshape activations (..., in_features) to rows (N × in_features), dropping rows where mask is false.
 
     ``mask`` has shape ``x.shape[:-1]`` and is bool or 0/1 (an attention mask). Rows are returned in
-    x's dtype; NaN/Inf in the kept rows raise a ValueError.
+    x's dtype; NaN/Inf in the kept rows raise a CoalaError naming ``arg``.
     """
     check_float(x, "x", where)
     if x.ndim < 1 or x.shape[-1] != in_features:
@@ -120,5 +122,5 @@ def flatten_rows(x: Tensor, in_features: int, mask: Tensor | None, where: str | 
                 raise CoalaError(f"mask{_at(where)} must be boolean or 0/1", argument="mask", layer=where)
             mask = mask != 0
         rows = rows[mask.reshape(-1).to(rows.device)]
-    check_finite(rows, "activations", where)
+    check_finite(rows, arg, where)
     return rows

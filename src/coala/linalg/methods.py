@@ -71,7 +71,7 @@ def _context_stats(X: Context, W: Tensor, needs: frozenset[str], method: str, wh
                              f"got {tuple(X.shape)}", argument="X", layer=where)
         if X.shape[0] == 0:
             raise CoalaError(f"X{at} has no rows", argument="X", layer=where)
-        rows = flatten_rows(X, n, None, where)
+        rows = flatten_rows(X, n, None, where, arg="X")
         check_fits(rows, compute_dtype(W, X), "X", where)
         rows = rows.to(device=W.device, dtype=compute_dtype(W, X))
         return stats_from_rows(rows, needs, rows.dtype)
