@@ -55,9 +55,26 @@ def every_step(fn: Callable[[], object], check: Callable[[int], None], limit: in
 
 
 @contextmanager
+def _tmpfs(path: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted at ``path`` (root only; skips the test where mounting is not allowed)."""
+    if getattr(os, "geteuid", lambda: 1)() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True,
+                              check=False)
+    except FileNotFoundError:  # no mount command
+        done = None
+    if done is None or done.returncode != 0:
+        pytest.skip("a tmpfs cannot be mounted here")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=False)
+
+
+@contextmanager
 def read_only_folder(path: Path) -> Iterator[Path]:
-    """A folder nothing can be written in: mode 0o555, or (root ignores modes) a read-only tmpfs mounted there;
-    skips the test where neither works."""
+    """A folder nothing can be written in: mode 0o555, or (root ignores modes) a read-only tmpfs mounted there."""
     path.mkdir()
     if getattr(os, "geteuid", lambda: 1)() != 0:
         path.chmod(0o555)
@@ -66,14 +83,13 @@ def read_only_folder(path: Path) -> Iterator[Path]:
         finally:
             path.chmod(0o755)
         return
-    try:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(path)],
-                              capture_output=True, check=False)
-    except FileNotFoundError:  # no mount command
-        done = None
-    if done is None or done.returncode != 0:
-        pytest.skip("running as root, and a read-only tmpfs cannot be mounted here")
-    try:
+    with _tmpfs(path, "ro,size=64k"):
         yield path
-    finally:
-        subprocess.run(["umount", str(path)], check=False)
+
+
+@contextmanager
+def full_disk(path: Path, size_kib: int = 32) -> Iterator[Path]:
+    """A folder on a file system of ``size_kib`` KiB (a small tmpfs): writing more fails with ENOSPC."""
+    path.mkdir()
+    with _tmpfs(path, f"size={size_kib}k"):
+        yield path

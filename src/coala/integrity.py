@@ -27,12 +27,16 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from .errors import CoalaError, CoalaFileError
 
-__all__ = ["KILL_ENV", "atomic_write", "check_model_class", "check_sha256", "fault_point", "fsync_dir",
-           "fsync_tree", "replace_dir", "reset_write_steps", "safetensors_header", "sha256_file", "write_steps"]
+__all__ = ["KILL_ENV", "WRITE_ERRORS", "atomic_write", "check_file", "check_model_class", "check_sha256",
+           "fault_point", "fsync_dir", "fsync_tree", "replace_dir", "reset_write_steps", "safetensors_header",
+           "sha256_file", "write_steps"]
 
 KILL_ENV = "COALA_KILL_AT_WRITE_STEP"
+WRITE_ERRORS = (OSError, SafetensorError)  # what a failed write raises (safetensors reports ENOSPC as its own)
 _steps = 0
 
 
@@ -87,18 +91,23 @@ def fsync_tree(folder: Path) -> None:
 
 
 def atomic_write(path: Path, write: Callable[[str], object]) -> None:
-    """``write(tmp)`` to a temporary sibling of ``path``, fsync it, rename it to ``path``, fsync the folder."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
+    """``write(tmp)`` to a temporary sibling of ``path``, fsync it, rename it to ``path``, fsync the folder.
+    An OSError (disk full, permissions) becomes a CoalaFileError naming ``path``; no temporary file is left."""
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        os.close(fd)
         write(tmp)
         fsync_file(tmp)
         fault_point(f"{path.name} written")
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        fsync_dir(path.parent)
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, WRITE_ERRORS) and not isinstance(err, CoalaError):
+            raise CoalaFileError(f"could not write {path}: {err}", path=path) from err
         raise
-    fsync_dir(path.parent)
     fault_point(f"{path.name} renamed")
 
 
@@ -165,6 +174,15 @@ def check_sha256(path: Path, expected: str, recorded_in: Path) -> None:
             f"{path} is damaged or was changed after it was saved: its SHA-256 differs from the one recorded in "
             f"{recorded_in}; copy or save the model again (coala.load(..., verify=False) skips this check)",
             path=path)
+
+
+def check_file(path: Path, sha256: str | None, recorded_in: Path) -> None:
+    """CoalaFileError naming ``path`` unless it is complete (for a ``.safetensors`` file: a header describing
+    exactly its data) and, with ``sha256``, unchanged since that checksum was recorded in ``recorded_in``."""
+    if path.suffix == ".safetensors":
+        safetensors_header(path)
+    if sha256 is not None:
+        check_sha256(path, sha256, recorded_in)
 
 
 _ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "C64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,

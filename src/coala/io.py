@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from .checkpoint import BlockCheckpoint
 from .errors import CoalaError, CoalaFileError, CoalaFileNotFoundError
-from .integrity import check_model_class, check_sha256, fault_point, replace_dir, safetensors_header, sha256_file
+from .integrity import WRITE_ERRORS, check_file, check_model_class, fault_point, replace_dir, sha256_file
 from .lowrank import LowRankLinear, low_rank_layers, replace_module
 from .version import __version__
 
@@ -197,7 +197,7 @@ def save_compressed(
         replace_dir(tmp, out)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, OSError) and not isinstance(err, CoalaError):
+        if isinstance(err, WRITE_ERRORS) and not isinstance(err, CoalaError):
             raise CoalaFileError(f"could not write the model to {out}: {err}; nothing was written there",
                                  path=out) from err
         raise
@@ -256,8 +256,7 @@ def _read_state(folder: Path, weights: str, device: str,
         raise CoalaFileNotFoundError(f"weights file {path} not found", path=path)
     checksums = checksums or {}
     if weights.endswith(".index.json"):
-        if weights in checksums:
-            check_sha256(path, checksums[weights], folder / META_FILE)
+        check_file(path, checksums.get(weights), folder / META_FILE)
         try:
             weight_map = json.loads(path.read_text())["weight_map"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
@@ -272,9 +271,7 @@ def _read_state(folder: Path, weights: str, device: str,
         shard = folder / name
         if not shard.is_file():
             raise CoalaFileNotFoundError(f"weights shard {shard} (listed in {path}) not found", path=shard)
-        safetensors_header(shard)  # an empty or truncated file raises CoalaFileError naming it
-        if name in checksums:
-            check_sha256(shard, checksums[name], folder / META_FILE)
+        check_file(shard, checksums.get(name), folder / META_FILE)  # complete, and unchanged since saved
         for key, t in safetensors.torch.load_file(str(shard), device=device).items():
             state[key] = t
             origin[key] = name

@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 
-from _faults import every_step, needs_fork, read_only_folder
+from _faults import every_step, full_disk, needs_fork, read_only_folder
 from _tiny_models import factorise, inputs, output, tiny
 from coala import CoalaError, CoalaFileError, CoalaFileNotFoundError
 from coala.checkpoint import BlockCheckpoint
@@ -156,6 +156,23 @@ def test_save_into_a_path_that_cannot_be_written(tmp_path):
     with read_only_folder(tmp_path / "ro") as ro, pytest.raises(CoalaFileError, match=r"ro/out"):
         save_compressed(model, ro / "out", meta={})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "ro"]
+
+
+def test_disk_full_is_named_and_leaves_nothing(tmp_path):
+    """A real ENOSPC (a 32 KiB tmpfs): the save and a checkpoint block fail naming their path, no temporary
+    file or folder is left, the checkpoint's finished blocks are intact."""
+    with full_disk(tmp_path / "disk") as disk:
+        with pytest.raises(CoalaFileError, match=r"could not write the model to .*disk/out: .*No space left") as info:
+            save_compressed(_model(), disk / "out", meta={})
+        assert isinstance(info.value, OSError) and list(disk.iterdir()) == []
+        ckpt = BlockCheckpoint(disk / "work")
+        ckpt.start({"run": 1})
+        ckpt.save_block(0, {"w": torch.zeros(4, 4)}, {})
+        with pytest.raises(CoalaFileError, match=r"could not write .*block-00001\.safetensors: .*No space left"):
+            ckpt.save_block(1, {"w": torch.zeros(64, 1024)}, {})
+        assert sorted(p.name for p in ckpt.work_dir.iterdir()) == [
+            "block-00000.json", "block-00000.safetensors", "fingerprint.json"]
+        assert ckpt.validate() == 1
 
 
 @needs_fork
