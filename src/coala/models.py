@@ -175,8 +175,10 @@ def load_model(
 
 
 def check_tokenizer_files(folder: Path) -> None:
-    """CoalaFileError naming ``folder`` when it holds none of ``TOKENIZER_FILES``."""
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+    """CoalaFileError naming ``folder`` when it holds none of ``TOKENIZER_FILES`` (nor a ``*.tiktoken`` / ``*.model``
+    / ``vocab*`` file)."""
+    other = (*folder.glob("*.tiktoken"), *folder.glob("*.model"), *folder.glob("vocab*"))  # rarer formats
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES) and not other:
         raise CoalaFileError(
             f"model folder {str(folder)!r} has no tokenizer files (none of {', '.join(TOKENIZER_FILES[:4])}, ...): "
             "save the tokenizer of the model it comes from into it (tokenizer.save_pretrained(folder))", path=folder)
