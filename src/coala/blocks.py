@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .errors import CoalaError
 from .lowrank import find_linear_layers, model_device
 
 
@@ -52,9 +53,9 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if key[0] > 0 and (best is None or key > best[0]):
             best = (key, name, module)
     if best is None:
-        raise ValueError(
+        raise CoalaError(
             f"found no repeated blocks in {type(model).__name__}: coala compresses models whose layers are an "
-            "nn.ModuleList of identical blocks (model.layers, h, encoder.layer, …)"
+            "nn.ModuleList of identical blocks (model.layers, h, encoder.layer, …)", argument="model",
         )
     return best[1], best[2]
 
@@ -72,9 +73,11 @@ def block_layers(
         try:
             found = find_linear_layers(block, targets)
         except ValueError as err:
-            raise ValueError(f"in block {prefix}.{i}: {err} (targets are matched inside the blocks only)") from err
+            raise CoalaError(f"in block {prefix}.{i}: {err} (targets are matched inside the blocks only)",
+                             argument="targets", layer=f"{prefix}.{i}") from err
         if not found:
-            raise ValueError(f"block {prefix}.{i} contains no linear layer to compress")
+            raise CoalaError(f"block {prefix}.{i} contains no linear layer to compress", argument="targets",
+                             layer=f"{prefix}.{i}")
         out.append({f"{prefix}.{i}.{name}": m for name, m in found.items()})
     return out
 
