@@ -7,6 +7,9 @@ Folder layout written by ``save_compressed`` (a Hugging Face-like folder):
     model.safetensors                all weights, or, when larger than ``max_shard_size``:
     model-0000i-of-0000N.safetensors + model.safetensors.index.json  ({"metadata", "weight_map"})
     tokenizer files                  when a tokenizer is given
+    modeling_coala.py                transformers loads the folder with trust_remote_code=True, coala not needed;
+                                     config.json then names the class it defines (see ``coala.portable``)
+    modules.json, 1_Pooling/, ...    a sentence-transformers source model's files, carried over
     coala.json                       written last (see below)
 
 ``coala.json`` holds the caller's ``meta`` (method, μ, calibration, ...) plus:
@@ -15,6 +18,8 @@ LowRankLinear; ``low_rank`` {module name: {"in_features", "out_features", "rank"
 {dropped key: kept key} for weights shared between modules (a tied lm_head is stored once, under the
 input embedding's key, and re-tied on load); ``weights`` (the file or index name); ``dtypes`` (of the stored
 floating tensors); ``versions`` (torch, transformers, safetensors, coala).
+
+The folder and its files get the modes ``save_pretrained`` gives (0755 / 0644 under the usual 022 umask).
 
 Saving is atomic: everything is written into a temporary sibling folder ``.NAME.tmp-XXXX`` which is renamed
 into place at the end; on any error it is removed and no (half-written) NAME folder appears.
@@ -39,7 +44,9 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import BlockCheckpoint
+from .files import normal_modes
 from .lowrank import LowRankLinear, low_rank_layers, replace_module
+from .portable import read_base_config, write_loading_code
 from .version import __version__
 
 __all__ = ["FORMAT_VERSION", "BlockCheckpoint", "OutputExistsError", "load", "read_meta", "save_compressed"]
@@ -128,6 +135,7 @@ def save_compressed(
     tokenizer=None,
     max_shard_size: int | str = "2GB",
     overwrite: bool = False,
+    source: str | os.PathLike | None = None,
 ) -> Path:
     """Write ``model`` (a transformers PreTrainedModel possibly holding LowRankLinear layers) to ``out_dir``.
 
@@ -140,6 +148,9 @@ def save_compressed(
         tokenizer: saved alongside when given (``tokenizer.save_pretrained``).
         max_shard_size: weight files larger than this are split (an int in bytes or a string like "2GB").
         overwrite: replace an existing non-empty ``out_dir`` (atomically swapped in at the end).
+        source: the folder (or Hub id, local cache only) the model was loaded from, whose sentence-transformers
+            files (modules.json, 1_Pooling/, ...) and, without ``tokenizer``, tokenizer files are carried over
+            (default: ``model.name_or_path``).
 
     Returns: the folder path. Raises OutputExistsError (a FileExistsError and ValueError) when ``out_dir``
     exists and is not empty; TypeError for a model without a config or a non-dict meta; ValueError for a
@@ -170,6 +181,8 @@ def save_compressed(
             gen.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        write_loading_code(tmp, model, source=source)  # modeling_coala.py, config.json's auto_map, ST files
+        normal_modes(tmp)  # 0755 / 0644 under the umask, not mkdtemp's 0700 and the weights' 0600
         layers = low_rank_layers(model)
         record = dict(meta)
         record.update(
@@ -288,18 +301,20 @@ def load(
         dtype: cast the stored floating weights to this dtype (default: as stored).
         model_cls: the model class when it is not a transformers class (default: ``transformers.<model_class>``).
 
-    Nothing is downloaded: the architecture is built from the saved config with parameters on the meta
-    device, the recorded low-rank layers are swapped in, and the stored tensors are assigned strictly.
+    Nothing is downloaded and no code from the folder runs (its modeling_coala.py is for transformers): the
+    architecture is built from the saved base config with parameters on the meta device, the recorded
+    low-rank layers are swapped in, and the stored tensors are assigned strictly. Folders written before
+    modeling_coala.py existed load the same way.
 
     Raises: FileNotFoundError (missing folder, coala.json or weights file); ValueError (bad coala.json, or
     missing / unexpected / wrongly shaped tensors, naming the file).
     """
-    from transformers import AutoConfig, GenerationConfig
+    from transformers import GenerationConfig
 
     folder = Path(path)
     meta = read_meta(folder)
     cls = model_cls if model_cls is not None else _model_class(meta["model_class"])
-    config = AutoConfig.from_pretrained(str(folder))
+    config = read_base_config(folder)  # the base class's config (config.json names the remote-code class)
     with _parameters_on_meta():
         model = cls._from_config(config, dtype=dtype) if dtype is not None else cls._from_config(config)
         for name, spec in meta["low_rank"].items():
