@@ -1,5 +1,6 @@
-"""Run as ``python -I tests/_without_coala.py PLAN.json``: load compressed / exported folders the way users of
-transformers, lm-eval, pipelines and sentence-transformers do, in a process that cannot import coala.
+"""Run as ``python -I tests/_without_coala.py PLAN.json`` (``run_without_coala`` does, from the tests): load
+compressed / exported folders the way users of transformers, lm-eval, pipelines and sentence-transformers do,
+in a process that cannot import coala.
 
 PLAN.json: {"out": folder for the results, "ids": [[token ids]] for the logits, "cases": [{"name", "dir",
 "auto" (an Auto class name), "checks": [...]}, ...]}. Checks: "refuse" (the Auto class without
@@ -16,8 +17,26 @@ import importlib.machinery
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 import traceback
+from pathlib import Path
+
+
+def run_without_coala(plan: dict, folder: Path, timeout: int = 300) -> tuple[dict, dict]:
+    """Run this file on ``plan`` in a fresh ``python -I`` (no PYTHONPATH, coala hidden), results in ``folder``;
+    return its results.json and outputs (name → tensor)."""
+    import safetensors.torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "plan.json").write_text(json.dumps({**plan, "out": str(folder)}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["HF_MODULES_CACHE"] = str(folder / "hf_modules")  # the remote code's import cache, not the user's
+    done = subprocess.run([sys.executable, "-I", __file__, str(folder / "plan.json")], env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout, cwd=folder)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((folder / "results.json").read_text())
+    return results, safetensors.torch.load_file(str(folder / "outputs.safetensors"))
 
 
 class _HideCoala(importlib.machinery.PathFinder):

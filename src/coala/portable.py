@@ -9,7 +9,8 @@
   ``architectures`` names the new class, ``auto_map`` points every Auto class that maps to the base class
   (``AutoModelForCausalLM``, ``AutoModel``, ``AutoModelForMaskedLM``, ...) and ``AutoConfig`` at the file,
   ``coala_low_rank`` lists the factorised layers ({name: {"in_features", "out_features", "rank", "bias"}}) and
-  ``coala_base`` records the base ``model_type`` / ``architectures`` / classes. Loading the folder with
+  ``coala_base`` records the base ``model_type`` / ``architectures`` / classes; the ``quantization_config`` of a
+  model read from a GGUF file goes (its weights are saved dequantized). Loading the folder with
   ``trust_remote_code=True`` therefore gives the compressed model; loading it without is refused by
   transformers ("contains custom code which must be executed"), never a base model with random weights;
 - carries a sentence-transformers model's files over from the folder the model came from (``modules.json``,
@@ -108,6 +109,8 @@ def write_loading_code(folder: str | os.PathLike, model: nn.Module, *, source: s
     config["model_type"] = f"coala_{base_type}"
     config["architectures"] = [f"Coala{type(model).__name__}"]
     config.pop("auto_map", None)
+    if (config.get("quantization_config") or {}).get("quant_method") == "gguf":
+        del config["quantization_config"]  # loaded from a GGUF file, saved dequantized: nothing left to dequantize
     if model_class is not None and config_class is not None:
         module = CODE_FILE.removesuffix(".py")
         config["auto_map"] = {"AutoConfig": f"{module}.Coala{config_class}",

@@ -10,18 +10,15 @@ sentence-transformers model) and the dense exports' must match them to float rou
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import safetensors.torch
 import torch
 import torch.nn.functional as F
 
 import coala
 from _compress_models import VOCAB, batches, build, settings, word_tokenizer
+from _without_coala import run_without_coala
 from coala.evaluate import mean_pool
 from coala.export import export_dense
 from coala.io import save_compressed
@@ -29,28 +26,11 @@ from coala.models import load_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TESTS = Path(__file__).resolve().parents[1]
 KINDS = ("llama", "gpt2", "bert")
 AUTO = {"llama": "AutoModelForCausalLM", "gpt2": "AutoModelForCausalLM", "bert": "AutoModel"}
 REQUESTS = [["w5 w6 w7 w8", " w9 w10"], ["w11 w12", " w13"]]
 PROMPT = "w20 w21 w22"
 SENTENCES = ["A compressed sentence encoder.", "It loads without coala, with trust_remote_code."]
-
-
-def run_without_coala(plan: dict, folder: Path, timeout: int = 300) -> tuple[dict, dict]:
-    """Run tests/_without_coala.py on ``plan`` in a fresh ``python -I`` (no PYTHONPATH, no coala); return its
-    results.json and outputs."""
-    folder.mkdir(parents=True, exist_ok=True)
-    plan = {**plan, "out": str(folder)}
-    (folder / "plan.json").write_text(json.dumps(plan))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env["HF_MODULES_CACHE"] = str(folder / "hf_modules")
-    done = subprocess.run([sys.executable, "-I", str(TESTS / "_without_coala.py"), str(folder / "plan.json")],
-                          env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
-                          cwd=folder)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads((folder / "results.json").read_text())
-    return results, safetensors.torch.load_file(str(folder / "outputs.safetensors"))
 
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
