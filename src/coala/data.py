@@ -127,7 +127,9 @@ def _load_hub(source: str, split: str) -> list[str]:
 
 
 def _read_file(path: Path) -> list[str]:
-    """Documents of a local file: .txt (separated by blank lines) or .jsonl (one object per line, field "text")."""
+    """Documents of a local file: .jsonl (one object per line, field "text") or text (.txt, .text, .md, no
+    suffix): paragraphs separated by blank lines, or, in a file without any blank line, one document per line
+    (a file of one sentence per line is read as one sentence per line)."""
     if not path.is_file():
         raise FileNotFoundError(f"calibration file {str(path)!r} does not exist")
     raw = path.read_text(encoding="utf-8")
@@ -144,7 +146,9 @@ def _read_file(path: Path) -> list[str]:
                 raise ValueError(f"{path}:{lineno}: expected a JSON object with a string field 'text'")
             docs.append(obj["text"])
     elif path.suffix in (".txt", ".text", ".md", ""):
-        docs = re.split(r"\n\s*\n", raw)
+        docs = re.split(r"\n\s*\n", raw.strip())
+        if len(docs) == 1:  # no blank line anywhere: one document per line
+            docs = raw.splitlines()
     else:
         raise ValueError(f"calibration file {str(path)!r}: expected a .txt or .jsonl file, got {path.suffix!r}")
     docs = [d.strip() for d in docs if d.strip()]

@@ -22,7 +22,9 @@ def add_parser(sub) -> None:
                    help="embedding fidelity against --reference (default for encoder models)")
     p.add_argument("--reference", default=None,
                    help="reference model for fidelity (default: the base model recorded in coala.json)")
-    p.add_argument("--fidelity-text", default="builtin", help="held-out text for fidelity: builtin or PATH")
+    p.add_argument("--fidelity-text", default="builtin",
+                   help="held-out text for fidelity: builtin or a .txt / .jsonl PATH (a .txt file without blank "
+                        "lines holds one sentence per line; with blank lines, one paragraph between them)")
     p.add_argument("--seqlen", type=int, default=2048, help="perplexity window length (default 2048)")
     p.add_argument("--batch-size", type=int, default=1, help="sequences per forward pass")
     p.add_argument("--dtype", type=dtype_arg, default=None, help="float32, bfloat16 or float16 (default: as stored)")
