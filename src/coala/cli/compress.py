@@ -64,5 +64,6 @@ def run(args: argparse.Namespace) -> int:
     print(report.table())
     if args.json_path:
         Path(args.json_path).write_text(report.to_json() + "\n")
-    print(f"saved to {report.output}  (load with coala.load({report.output!r}))")
+    print(f"saved to {report.output}  (load with coala.load({report.output!r}), or with transformers / lm-eval / "
+          "sentence-transformers and trust_remote_code=True; coala export --dense for a plain model)")
     return 0
