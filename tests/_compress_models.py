@@ -77,3 +77,15 @@ def settings(**flat) -> dict:
     if flat:
         raise TypeError(f"unknown settings {sorted(flat)}")
     return out
+
+
+def word_tokenizer():
+    """A word-level fast tokenizer over the ``VOCAB`` tokens "<unk>", "<pad>", "<s>", "</s>", "w4" … "w100"
+    (whitespace-split), for the tiny models of ``build`` where a real tokenizer is needed (pipelines, lm-eval)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {tok: i for i, tok in enumerate(["<unk>", "<pad>", "<s>", "</s>", *(f"w{i}" for i in range(4, VOCAB))])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>",
+                                                bos_token="<s>", eos_token="</s>")

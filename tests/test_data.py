@@ -44,6 +44,12 @@ def test_local_txt_and_jsonl(tmp_path):
     txt = tmp_path / "docs.txt"
     txt.write_text("first document\nstill first\n\n\n  second document  \n\n")
     assert load_texts(txt) == ["first document\nstill first", "second document"]
+    lines = tmp_path / "sentences.txt"  # no blank line anywhere: one sentence per line
+    lines.write_text("The first sentence.\n  The second one.  \nThe third.\n")
+    assert load_texts(lines) == ["The first sentence.", "The second one.", "The third."]
+    one = tmp_path / "one.txt"
+    one.write_text("\n\nonly paragraph\n")
+    assert load_texts(one) == ["only paragraph"]
     jl = tmp_path / "docs.jsonl"
     jl.write_text(json.dumps({"text": "one"}) + "\n\n" + json.dumps({"text": "two", "id": 3}) + "\n")
     assert load_texts(jl) == ["one", "two"]

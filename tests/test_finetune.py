@@ -71,15 +71,20 @@ def test_lm_recovery_round_trip(tmp_path, tokenizer):
     assert json.loads((tmp_path / "r" / "coala.json").read_text())["method"] == "svd"  # original meta kept
 
 
-def test_distill_recovery_improves_fidelity(tmp_path, tokenizer):
+def test_distill_recovery_improves_fidelity(tmp_path, tokenizer, capsys):
     original = _tiny_bert(len(tokenizer))
     original.save_pretrained(tmp_path / "orig")
     tokenizer.save_pretrained(tmp_path / "orig")
     model = _compress(_tiny_bert(len(tokenizer)), ("query", "value", "intermediate.dense"), rank=4)
     save_compressed(model, tmp_path / "c", meta={"base_model": str(tmp_path / "orig")}, tokenizer=tokenizer)
     assert cli_main(_args(tmp_path / "c", tmp_path / "r")) == 0
+    printed = capsys.readouterr().out
+    assert "training loss, mean of the first 10 steps -> mean of the last 10:" in printed
+    assert "held-out loss:" in printed and "held-out embedding cosine vs the teacher:" in printed
+    assert "held_out" not in printed
     rec = json.loads((tmp_path / "r" / "coala.json").read_text())["recovery"]
     assert rec["config"]["objective"] == "distill"
+    assert rec["loss_first10"] > rec["loss_last10"]
     assert rec["after"]["embedding_cosine"] > rec["before"]["embedding_cosine"]
     assert rec["after"]["held_out_loss"] < rec["before"]["held_out_loss"]
     assert isinstance(load(tmp_path / "r").encoder.layer[0].attention.self.query, LowRankLinear)

@@ -4,6 +4,7 @@ from .allocate import ALLOCATIONS, register_allocation
 from .compress import apply_low_rank, collect_statistics, compress, decompose_layers
 from .config import CalibrationConfig, CompressConfig, OutputConfig, RuntimeConfig
 from .errors import CoalaError, CoalaFileError, CoalaFileNotFoundError, CoalaTypeError
+from .export import export_dense
 from .io import load
 from .linalg import (
     METHODS,
@@ -37,6 +38,7 @@ __all__ = [
     "compress",
     "decompose",
     "decompose_layers",
+    "export_dense",
     "load",
     "register_allocation",
     "truncation_loss",

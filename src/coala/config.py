@@ -277,16 +277,17 @@ class OutputConfig:
 
 # ---------------------------------------------------------------------------------------------- command line
 def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: Iterable[str] = (),
-                  defaults: dict | None = None) -> None:
+                  defaults: dict | None = None, helps: dict | None = None) -> None:
     """Add one flag per field of the config dataclass ``cls`` (``--field-name``, or the field's ``flag``).
 
     Booleans become switches (``store_true``; a field that defaults to True gets a negative flag such as
-    ``--no-error-stats`` or ``--quiet``). ``defaults`` overrides a field's default on this command only.
+    ``--no-error-stats`` or ``--quiet``). ``defaults`` overrides a field's default on this command only, and
+    ``helps`` its help text (say the command's own default there).
     """
     group = parser.add_argument_group(cls.__name__)
-    skip, defaults = set(skip), defaults or {}
+    skip, defaults, helps = set(skip), defaults or {}, helps or {}
     for f in fields(cls):
-        meta = f.metadata
+        meta = {**f.metadata, "help": helps.get(f.name, f.metadata["help"])}
         if f.name in skip or not meta.get("cli", True):
             continue
         default = defaults.get(f.name, f.default if f.default is not MISSING else f.default_factory())

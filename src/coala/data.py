@@ -141,7 +141,9 @@ def _decode(path: Path, data: bytes) -> str:
 
 
 def _read_file(path: Path) -> list[str]:
-    """Documents of a local file: .txt (separated by blank lines) or .jsonl (one object per line, field "text")."""
+    """Documents of a local file: .jsonl (one object per line, field "text") or text (.txt, .text, .md, no
+    suffix): paragraphs separated by blank lines, or, in a file without any blank line, one document per line
+    (a file of one sentence per line is read as one sentence per line)."""
     if path.is_dir():
         raise CoalaFileError(f"calibration file {str(path)!r} is a folder; expected a .txt or .jsonl file", path=path)
     if not path.is_file():
@@ -168,8 +170,10 @@ def _read_file(path: Path) -> list[str]:
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                 raise CoalaError(f"{path}:{lineno}: expected a JSON object with a string field 'text'", path=path)
             docs.append(obj["text"])
-    else:
-        docs = re.split(r"\n\s*\n", raw)
+    else:  # paragraphs separated by blank lines; no blank line anywhere: one document per line
+        docs = re.split(r"\n\s*\n", raw.strip())
+        if len(docs) == 1:
+            docs = raw.splitlines()
     docs = [d.strip() for d in docs if d.strip()]
     if not docs:
         raise CoalaError(f"calibration file {str(path)!r} contains no text", path=path)

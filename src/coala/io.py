@@ -7,6 +7,9 @@ Folder layout written by ``save_compressed`` (a Hugging Face-like folder):
     model.safetensors                all weights, or, when larger than ``max_shard_size``:
     model-0000i-of-0000N.safetensors + model.safetensors.index.json  ({"metadata", "weight_map"})
     tokenizer files                  when a tokenizer is given
+    modeling_coala.py                transformers loads the folder with trust_remote_code=True, coala not needed;
+                                     config.json then names the class it defines (see ``coala.portable``)
+    modules.json, 1_Pooling/, ...    a sentence-transformers source model's files, carried over
     coala.json                       written last (see below)
 
 ``coala.json`` holds the caller's ``meta`` (method, μ, calibration, ...) plus:
@@ -19,10 +22,8 @@ weights files (and the index), verified by ``load`` (``verify=False`` skips it; 
 
 Saving is atomic and durable: everything is written into a temporary sibling folder ``.NAME.tmp-XXXX``, fsynced,
 and renamed into place at the end (an existing NAME is swapped atomically where the OS can); on any error it is
-removed and no (half-written) NAME folder appears.
-
-The resumable block checkpoint used by block-by-block compression lives in ``coala.checkpoint``
-(``BlockCheckpoint``, re-exported here).
+removed and no (half-written) NAME folder appears. Modes are ``save_pretrained``'s (0755 / 0644 under umask 022).
+The resumable block checkpoint lives in ``coala.checkpoint`` (``BlockCheckpoint``, re-exported here).
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ from torch import Tensor, nn
 
 from .checkpoint import BlockCheckpoint
 from .errors import CoalaError, CoalaFileError, CoalaFileNotFoundError
+from .files import normal_modes
 from .integrity import WRITE_ERRORS, check_file, check_model_class, fault_point, replace_dir, sha256_file
 from .lowrank import LowRankLinear, low_rank_layers, replace_module
+from .portable import read_base_config, write_loading_code
 from .version import __version__
 
 __all__ = ["FORMAT_VERSION", "BlockCheckpoint", "OutputExistsError", "load", "read_meta", "save_compressed"]
@@ -120,6 +123,7 @@ def save_compressed(
     tokenizer=None,
     max_shard_size: int | str = "2GB",
     overwrite: bool = False,
+    source: str | os.PathLike | None = None,
 ) -> Path:
     """Write ``model`` (a transformers PreTrainedModel possibly holding LowRankLinear layers) to ``out_dir``.
 
@@ -132,6 +136,9 @@ def save_compressed(
         tokenizer: saved alongside when given (``tokenizer.save_pretrained``).
         max_shard_size: weight files larger than this are split (an int in bytes or a string like "2GB").
         overwrite: replace an existing non-empty ``out_dir`` (atomically swapped in at the end).
+        source: the folder (or Hub id, local cache only) the model was loaded from, whose sentence-transformers
+            files (modules.json, 1_Pooling/, ...) and, without ``tokenizer``, tokenizer files are carried over
+            (default: ``model.name_or_path``).
 
     Returns: the folder path. Raises OutputExistsError (a FileExistsError and ValueError) when ``out_dir``
     exists and is not empty; TypeError for a model without a config or a non-dict meta; ValueError for a
@@ -168,6 +175,8 @@ def save_compressed(
             gen.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        write_loading_code(tmp, model, source=source)  # modeling_coala.py, config.json's auto_map, ST files
+        normal_modes(tmp)  # 0755 / 0644 under the umask, not mkdtemp's 0700 and the weights' 0600
         fault_point("config and tokenizer written")
         layers = low_rank_layers(model)
         record = dict(meta)
@@ -305,21 +314,25 @@ def load(
         verify: check each weights file against the SHA-256 that ``coala.json`` records (one extra read of the
             weights; False skips it). Every file is checked for completeness either way.
 
-    Nothing is downloaded: the architecture is built from the saved config with parameters on the meta
-    device, the recorded low-rank layers are swapped in, and the stored tensors are assigned strictly.
+    Nothing is downloaded and no code from the folder runs (its modeling_coala.py is for transformers): the
+    architecture is built from the saved base config with parameters on the meta device, the recorded
+    low-rank layers are swapped in, and the stored tensors are assigned strictly. Folders written before
+    modeling_coala.py existed load the same way.
 
     Raises ``CoalaError`` naming the file: ``CoalaFileNotFoundError`` (missing folder, coala.json or weights
     file), ``CoalaFileError`` (bad coala.json or config.json, a truncated or changed weights file), CoalaError
     (coala.json's model class does not match config.json; missing / unexpected / wrongly shaped tensors).
     """
-    from transformers import AutoConfig, GenerationConfig
+    from transformers import GenerationConfig
 
     folder = Path(path)
     meta = read_meta(folder)
     cls = model_cls if model_cls is not None else _model_class(meta["model_class"])
     try:
-        config = AutoConfig.from_pretrained(str(folder))
+        config = read_base_config(folder)  # the base class's config (config.json names the remote-code class)
     except (OSError, ValueError) as e:
+        if isinstance(e, CoalaError):
+            raise
         raise CoalaFileError(f"{folder / 'config.json'} cannot be read as a model config: {e}",
                              path=folder / "config.json") from e
     check_model_class(cls, config, folder / META_FILE)

@@ -155,7 +155,7 @@ def load_model(
             check_tokenizer_files(local)
         if (local / META_FILE).is_file():
             model = load(local, device=device, dtype=torch_dtype)
-            tokenizer = _tokenizer(source, "compressed folder")
+            tokenizer = _tokenizer(source, "compressed folder", config=model.config)
             meta = read_meta(local)
             return LoadedModel(model, tokenizer, source, compressed=True, causal=_is_causal(model),
                                base_model=meta.get("base_model") or meta.get("model"))
@@ -184,11 +184,13 @@ def check_tokenizer_files(folder: Path) -> None:
             "save the tokenizer of the model it comes from into it (tokenizer.save_pretrained(folder))", path=folder)
 
 
-def _tokenizer(source: str, where: str):
+def _tokenizer(source: str, where: str, config=None):
+    """The tokenizer of ``source``; ``config``: the model's (a compressed folder's config.json names a class that
+    only its remote code defines, which AutoTokenizer would otherwise try to load)."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(source)
+        return AutoTokenizer.from_pretrained(source, **({"config": config} if config is not None else {}))
     except (OSError, ValueError) as err:  # ValueError: transformers' "Couldn't instantiate the backend tokenizer"
         raise CoalaError(f"could not load the tokenizer of model {source!r} ({where}): {err}", path=source) from err
 

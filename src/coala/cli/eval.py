@@ -6,11 +6,12 @@ import argparse
 import json
 from pathlib import Path
 
-from coala.cli._common import dtype_arg, print_table
+from coala.cli._common import DefaultsHelpFormatter, add_threads_argument, dtype_arg, print_table, set_threads
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate an original or compressed model (perplexity, lm-eval, fidelity)")
+    p = sub.add_parser("eval", help="evaluate an original or compressed model (perplexity, lm-eval, fidelity)",
+                       description=__doc__, formatter_class=DefaultsHelpFormatter)
     p.add_argument("model", nargs="?", default=None,
                    help="hub id, local model folder or compressed folder (default: the bundled MiniLM)")
     p.add_argument("--ppl", default="", help="comma-separated perplexity sources: wikitext2,c4,builtin,PATH")
@@ -21,13 +22,21 @@ def add_parser(sub) -> None:
                    help="embedding fidelity against --reference (default for encoder models)")
     p.add_argument("--reference", default=None,
                    help="reference model for fidelity (default: the base model recorded in coala.json)")
-    p.add_argument("--fidelity-text", default="builtin", help="held-out text for fidelity: builtin or PATH")
+    p.add_argument("--fidelity-text", default="builtin",
+                   help="held-out text for fidelity: builtin or a .txt / .jsonl PATH (a .txt file without blank "
+                        "lines holds one sentence per line; with blank lines, one paragraph between them)")
     p.add_argument("--seqlen", type=int, default=2048, help="perplexity window length (default 2048)")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per forward pass")
     p.add_argument("--dtype", type=dtype_arg, default=None, help="float32, bfloat16 or float16 (default: as stored)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="where the model runs, e.g. cuda")
     p.add_argument("--json", dest="json_path", default=None, help="write the results as JSON to this path")
+    add_threads_argument(p)
     p.set_defaults(func=run)
+
+
+def _short(model: str) -> str:
+    """The last part of a folder path or Hub id, for the table."""
+    return Path(str(model).rstrip("/")).name or str(model)
 
 
 def _split(arg: str) -> list[str]:
@@ -39,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from coala.evaluate import embedding_fidelity, lm_eval_tasks, perplexity
     from coala.models import load_model
 
+    set_threads(args.threads)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
     results: dict = {"model": args.model or loaded.source, "compressed": loaded.compressed,
@@ -64,11 +74,17 @@ def run(args: argparse.Namespace) -> int:
         texts = builtin_sentences("test") if args.fidelity_text == "builtin" else load_texts(args.fidelity_text)
         fid = embedding_fidelity(model, ref_model, tokenizer, texts, batch_size=max(args.batch_size, 32))
         results["fidelity"] = {"reference": reference, **fid.to_dict()}
-        rows.append(("cosine mean", f"{fid.mean_cosine:.4f}", f"vs {Path(reference).name}, {fid.sentences} sentences"))
+        rows.append(("cosine mean", f"{fid.mean_cosine:.4f}",
+                     f"vs reference {_short(reference)}, {fid.sentences} sentences"))
         rows.append(("cosine p05", f"{fid.p05_cosine:.4f}", "5th percentile"))
     if not rows:
         raise ValueError("nothing to evaluate: give --ppl, --tasks or --fidelity")
-    print_table(("metric", "value", "details"), rows)
+    name = _short(results["model"])
+    kind = "original" if not loaded.compressed else (
+        f"compressed from {_short(loaded.base_model)}" if loaded.base_model else "compressed")
+    print(f"{name}: {kind}, {results['dtype']}"
+          + ("; cosine: its mean-pooled sentence embeddings against the reference's" if "fidelity" in results else ""))
+    print_table(("metric", f"value ({name})", "details"), rows)
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(results, indent=2))
         print(f"wrote {args.json_path}")

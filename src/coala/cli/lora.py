@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from coala.cli._common import DefaultsHelpFormatter, add_threads_argument, set_threads
 from coala.linalg.dtypes import DTYPES
 
 
@@ -21,8 +22,10 @@ def add_parser(sub) -> None:
         help="initialise LoRA adapters (coala IPM/KPM, CorDA, PiSSA, MiLoRA) and save a residual base + adapter",
         description="Initialise peft LoRA adapters from calibration context and save DIR/base (residual base "
         "model) + DIR/adapter (initial adapter). At step 0 the pair computes what MODEL computes.",
+        formatter_class=DefaultsHelpFormatter,
     )
-    p.add_argument("model", help="a transformers model folder or hub id")
+    p.add_argument("model", nargs="?", default=None,
+                   help="a transformers model folder or hub id (default: the bundled all-MiniLM-L6-v2)")
     p.add_argument("--out", required=True, help="output folder (must be new or empty)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank r (default 16)")
     p.add_argument("--alpha", type=float, default=None, help="lora_alpha (default 2·rank)")
@@ -38,11 +41,12 @@ def add_parser(sub) -> None:
     p.add_argument("--nsamples", type=int, default=64, help="calibration samples (default 64)")
     p.add_argument("--seqlen", type=int, default=256, help="tokens per sample (default 256)")
     p.add_argument("--batch-size", type=int, default=None, help="samples per batch (default: coala.data's)")
-    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
+    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
     p.add_argument("--model-class", default="auto",
                    help="transformers class name, or 'auto' (config.architectures[0], else AutoModel)")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype the model is loaded in")
+    p.add_argument("--device", default="cpu", help="where the model is loaded, e.g. cuda")
+    add_threads_argument(p)
     p.set_defaults(func=run)
 
 
@@ -54,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data import calibration_batches
     from ..models import load_model
 
+    set_threads(args.threads)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"output directory {out} exists and is not empty")
@@ -87,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     with torch.no_grad():
         change = float((_first_output(peft_model(**probe)) - before).abs().max())
-    meta = {"model": args.model, "calibration": calib.description if context else None,
+    meta = {"model": args.model or loaded.source, "calibration": calib.description if context else None,
             "init_seconds": round(seconds, 3), "max_output_change_at_init": change}
     save_lora(peft_model, out, tokenizer=tokenizer, meta=meta)
     n_layers = sum(1 for n, _ in peft_model.named_modules() if n.endswith(".lora_A"))
