@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 
 from .allocate import achieved, allocation_names
 from .compress import collect_statistics, decompose_layers
-from .config import STATS_DTYPES, CalibrationConfig, CompressConfig, RuntimeConfig, csv_floats, csv_names, option
+from .config import CalibrationConfig, CompressConfig, RuntimeConfig, csv_floats, csv_names, option
 from .layer_solve import solve_layers
+from .linalg.dtypes import ACCUMULATION_DTYPES
 from .linalg.methods import get_method
 from .planning import plan_from_decompositions
 from .plotting import PLOT_EXTRA_HINT, machine, new_figure
@@ -55,7 +56,7 @@ class CompareConfig:
                                              parse=csv_names)
     allocation: str = option("auto", "rank allocation (auto: each method's own)",
                              choices=lambda: ["auto", *allocation_names()])
-    stats_dtype: str = option("float32", "accumulation dtype of the statistics", choices=lambda: STATS_DTYPES)
+    stats_dtype: str = option("float32", "accumulation dtype of the statistics", choices=lambda: ACCUMULATION_DTYPES)
     ppl_seqlen: int = option(2048, "perplexity window length", parse=int)
     limit: float | None = option(None, "lm-eval examples per task", parse=float)
     eval_batch_size: int = option(32, "sentences per batch for the fidelity evaluation", parse=int)

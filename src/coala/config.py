@@ -30,7 +30,6 @@ from .linalg.dtypes import ACCUMULATION_DTYPES
 from .linalg.methods import METHODS, get_method
 from .sensitivity import PROBE_RATIOS
 
-STATS_DTYPES = ACCUMULATION_DTYPES  # accumulation dtypes of the statistics, by name
 PROPAGATIONS = ("compressed", "original")
 CALIB_MODES = ("auto", "windows", "sentences")
 
@@ -146,7 +145,7 @@ class CompressConfig:
     sensitivity_samples: int = option(64, "calibration samples the sensitivity probes run", parse=int)
     probe_ratios: tuple[float, ...] = option(PROBE_RATIOS, "ratios at which the sensitivity probes truncate",
                                               parse=csv_floats)
-    stats_dtype: str = option("float32", "accumulation dtype of the statistics", choices=lambda: STATS_DTYPES)
+    stats_dtype: str = option("float32", "accumulation dtype of the statistics", choices=lambda: ACCUMULATION_DTYPES)
     error_stats: bool = option(True, "do not collect R for methods that do not need it (error column reads n/a)",
                                 flag="--no-error-stats")
 
@@ -176,8 +175,8 @@ class CompressConfig:
         if self.resolved_allocation == "sensitivity" and self.ratio > max(probes):
             raise CoalaError(f"ratio {self.ratio} exceeds the deepest probe ratio {max(probes)}: the sensitivity "
                              "allocation does not extrapolate; add a deeper probe_ratios entry", argument="ratio")
-        if self.stats_dtype not in STATS_DTYPES:
-            raise CoalaError(f"stats_dtype must be one of {sorted(STATS_DTYPES)}, got {self.stats_dtype!r}",
+        if self.stats_dtype not in ACCUMULATION_DTYPES:
+            raise CoalaError(f"stats_dtype must be one of {sorted(ACCUMULATION_DTYPES)}, got {self.stats_dtype!r}",
                              argument="stats_dtype")
         object.__setattr__(self, "targets", _names(self.targets, "targets"))
 
@@ -190,7 +189,7 @@ class CompressConfig:
 
     @property
     def accumulation_dtype(self) -> torch.dtype:
-        return STATS_DTYPES[self.stats_dtype]
+        return ACCUMULATION_DTYPES[self.stats_dtype]
 
     def kinds(self, methods: Iterable[str] | None = None) -> set[str]:
         """Statistics to collect: the union of the methods' needs, plus R when ``error_stats``."""
@@ -312,5 +311,5 @@ def from_arguments(cls: type, args: argparse.Namespace, **overrides):
     return cls(**{**values, **overrides})
 
 
-__all__ = ["CALIB_MODES", "PROPAGATIONS", "STATS_DTYPES", "CalibrationConfig", "CompressConfig", "OutputConfig",
+__all__ = ["CALIB_MODES", "PROPAGATIONS", "CalibrationConfig", "CompressConfig", "OutputConfig",
            "RuntimeConfig", "add_arguments", "csv_floats", "csv_names", "from_arguments", "option"]

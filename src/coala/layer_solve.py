@@ -63,13 +63,25 @@ def stats_for(source: StatsSource, name: str) -> ActivationStats | None:
     return source[name]
 
 
+def weight_and_stats(module: nn.Module, stats: ActivationStats | None, device: torch.device | None = None
+                     ) -> tuple[Tensor, ActivationStats | None]:
+    """The layer's (out × in) weight (detached) and its statistics, both moved to ``device`` when it is given and
+    differs from the weight's."""
+    W = dense_weight(module).detach()
+    if device is not None and W.device != device:
+        return W.to(device), (stats.to(device) if stats is not None else None)
+    return W, stats
+
+
+def decompose_weight(W: Tensor, stats: ActivationStats | None, config: CompressConfig, name: str) -> Decomposition:
+    """One decomposition of W (out × in) with ``config``'s method and μ."""
+    return decompose(W, stats, method=config.method, mu=config.mu, adaptive_mu=config.adaptive_mu, name=name)
+
+
 def decompose_layer(module: nn.Module, stats: ActivationStats | None, config: CompressConfig, name: str,
                     device: torch.device | None = None) -> Decomposition:
     """One decomposition of the layer's (out × in) weight with ``config``'s method and μ (on ``device``)."""
-    W = dense_weight(module).detach()
-    if device is not None and W.device != device:
-        W, stats = W.to(device), (stats.to(device) if stats is not None else None)
-    return decompose(W, stats, method=config.method, mu=config.mu, adaptive_mu=config.adaptive_mu, name=name)
+    return decompose_weight(*weight_and_stats(module, stats, device), config, name)
 
 
 def new_evidence(shapes: Mapping[str, tuple[int, int]], prefix: str | None = None) -> dict[str, LayerEvidence]:
@@ -129,12 +141,10 @@ def solve_layers(
         if rank is None:
             rows.append(LayerReport(name, layer_kind(name), m, n, None, m * n, m * n, 0.0, 0.0, None))
             continue
-        stats, W = stats_for(source, name), dense_weight(module).detach()
-        if device is not None and W.device != device:
-            W, stats = W.to(device), (stats.to(device) if stats is not None else None)
+        W, stats = weight_and_stats(module, stats_for(source, name), device)
         dec = (decompositions or {}).get(name)
         if dec is None:
-            dec = decompose(W, stats, method=config.method, mu=config.mu, adaptive_mu=config.adaptive_mu, name=name)
+            dec = decompose_weight(W, stats, config, name)
         A, B = dec.factors(rank)
         loss, rel = weighted_error(W, A, B, stats)
         mu = dec.effective_mu(rank) if hasattr(dec, "effective_mu") else None
@@ -144,12 +154,10 @@ def solve_layers(
     return rows, state
 
 
-def restore_layers(model: nn.Module, state: Mapping[str, Tensor], rows: list[dict]) -> list[LayerReport]:
-    """Swap in the low-rank layers of a finished block from its checkpoint (exactly the tensors it produced);
-    returns the block's report rows."""
+def restore_layers(model: nn.Module, state: Mapping[str, Tensor], rows: list[dict]) -> None:
+    """Swap in the low-rank layers of a finished block from its checkpoint (exactly the tensors it produced)."""
     for row in rows:
         if row["rank"] is not None:
             name = row["name"]
             install_low_rank(model, name, state[f"{name}.up.weight"], state[f"{name}.down.weight"],
                              state.get(f"{name}.up.bias"))
-    return [LayerReport(**row) for row in rows]

@@ -141,8 +141,7 @@ class BlockWalker:
                     step.capture = None  # free the statistics before the propagation forward
                     if forward and propagate == "compressed" and i < last:
                         self._run(i, desc="propagate")
-                # point at the layers now in the model: replaced dense weights must not stay alive (memory)
-                self.layers[i] = step.layers = {name: self.model.get_submodule(name) for name in self.layers[i]}
+                step.layers = self._refresh_layers(i)
                 if after is not None:
                     t0 = time.perf_counter()
                     after(step, result)
@@ -173,8 +172,13 @@ class BlockWalker:
                 self._run(i, desc="replay")
             if propagate == "original":
                 result = restore(state, meta)
-        self.layers[i] = {name: self.model.get_submodule(name) for name in self.layers[i]}
+        self._refresh_layers(i)
         return result
+
+    def _refresh_layers(self, i: int) -> dict[str, nn.Module]:
+        """Point block i's entry at the layers now in the model (replaced dense weights must not stay alive)."""
+        self.layers[i] = {name: self.model.get_submodule(name) for name in self.layers[i]}
+        return self.layers[i]
 
     # ------------------------------------------------------------------------------------------ parts
     def _catch(self) -> None:
