@@ -20,14 +20,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocate import achieved, allocation_names
-from .compress import collect_statistics, decompose_layers
+from .allocate import achieved, allocation_names, get_allocation
+from .compress import calibration_set, collect_statistics, decompose_layers
 from .config import CalibrationConfig, CompressConfig, RuntimeConfig, csv_floats, csv_names, option
+from .fisher import gradient_scales
 from .layer_solve import solve_layers
 from .linalg.dtypes import ACCUMULATION_DTYPES
 from .linalg.methods import get_method
 from .planning import plan_from_decompositions
 from .plotting import PLOT_EXTRA_HINT, machine, new_figure
+from .sensitivity import first_samples
 
 # Which way is better for each metric kind (for the bold "best" cells).
 HIGHER_IS_BETTER = {"ppl": False, "cos_mean": True, "cos_p05": True, "task": True, "weighted_err": False}
@@ -142,7 +144,8 @@ def compare(model: nn.Module, tokenizer, config: CompareConfig | None = None, *,
     evals = list(config.evals or default_evals(model))
     t0 = time.perf_counter()
     base = config.compress_config(config.methods[0], config.ratios[0])
-    stats = collect_statistics(model, calibration, base, methods=list(config.methods), data=data, runtime=runtime,
+    batches, _ = calibration_set(model, calibration, data or CalibrationConfig(), tokenizer)
+    stats = collect_statistics(model, batches, base, methods=list(config.methods), data=data, runtime=runtime,
                                tokenizer=tokenizer)
     times = {"calibration_s": time.perf_counter() - t0, "solve_s": 0.0, "eval_s": 0.0}
     ref_emb = None
@@ -152,6 +155,13 @@ def compare(model: nn.Module, tokenizer, config: CompareConfig | None = None, *,
 
         ref_emb = sentence_embeddings(model, tokenizer, builtin_sentences("test"), batch_size=config.eval_batch_size)
     layers = {name: model.get_submodule(name) for name in stats}
+    fisher = None
+    if any("fisher" in get_allocation(config.compress_config(m, config.ratios[0]).resolved_allocation).needs
+           for m in config.methods):  # one backward pass serves every method and ratio
+        t = time.perf_counter()
+        fisher = gradient_scales(model, layers, first_samples(batches, base.sensitivity_samples),
+                                 progress=runtime.progress)
+        times["allocation_s"] = time.perf_counter() - t
     t = time.perf_counter()
     rows = [{"method": "original", "ratio": 0.0, "removed": 0.0, "weighted_err": 0.0,
              **_evaluate(model, tokenizer, evals, config, ref_emb)}]
@@ -166,7 +176,7 @@ def compare(model: nn.Module, tokenizer, config: CompareConfig | None = None, *,
             t = time.perf_counter()
             cell = config.compress_config(method, ratio)
             with torch.no_grad():
-                plan = plan_from_decompositions(model, layers, cell, decs)
+                plan = plan_from_decompositions(model, layers, cell, decs, fisher=fisher)
                 candidate = copy.deepcopy(model)
                 report_rows, _ = solve_layers(candidate, layers, stats, plan, cell, device=runtime.device,
                                               decompositions=decs, progress=False)

@@ -219,20 +219,23 @@ def decompose_layers(model: nn.Module, stats: dict[str, ActivationStats], config
 
 def apply_low_rank(model: nn.Module, stats: dict[str, ActivationStats], config: CompressConfig | None = None, *,
                    device: str | None = None, progress: bool = True,
-                   decompositions: dict[str, Decomposition] | None = None) -> CompressionReport:
+                   decompositions: dict[str, Decomposition] | None = None,
+                   batches: list[dict[str, Tensor]] | None = None) -> CompressionReport:
     """Replace every layer named in ``stats`` (from ``collect_statistics``) by its low-rank version, in place.
 
     Ranks: ``config``'s allocation (evidence measured on these statistics; "sensitivity" needs ``compress``) or
     its forced rank. Each weight is solved on ``device`` (default: where the layer is). Deep-copy the model first
     to try several methods / ratios on the same statistics; pass ``decompositions`` (from ``decompose_layers``
-    with the same method and μ, on the uncompressed weights) to reuse one SVD per layer.
+    with the same method and μ, on the uncompressed weights) to reuse one SVD per layer. ``batches``: calibration
+    batches for an allocation that runs the model ("fisher", COALA's default; a ValueError says so without them).
     """
     config = _check(config, CompressConfig, "config")
     t0 = time.perf_counter()
     layers = {name: model.get_submodule(name) for name in stats}
     params_before = sum(p.numel() for p in model.parameters())
     with torch.no_grad():
-        plan = plan_from_decompositions(model, layers, config, decompositions, stats)
+        plan = plan_from_decompositions(model, layers, config, decompositions, stats,
+                                        batches=normalize_batches(batches) if batches is not None else None)
         rows, _ = solve_layers(model, layers, stats, plan, config, device=device, decompositions=decompositions,
                                progress=progress)
     return CompressionReport(

@@ -89,6 +89,9 @@ def gradient_scales(model: nn.Module, layers: Mapping[str, nn.Module], batches: 
             sums[name] += grad.detach().double().square().sum().cpu()
 
         def forward_hook(module, inputs, output):
+            if not bool(torch.isfinite(output).all()):
+                raise ValueError(f"layer {name}: non-finite outputs in the Fisher pass over the original model (its "
+                                 "activations overflow on the calibration samples)")
             if output.requires_grad:
                 output.register_hook(add)
         return forward_hook

@@ -67,6 +67,7 @@ def plan_from_decompositions(
     stats: Mapping | None = None,
     probe: Probe | None = None,
     batches: Sequence[dict[str, Tensor]] | None = None,
+    fisher: Mapping[str, float] | None = None,
 ) -> Plan:
     """The plan for ``layers`` (full name → module of the original ``model``) from ready ``decompositions`` (or
     ones computed here from ``stats`` when the allocation needs them). Sensitivity needs a ``probe``."""
@@ -79,10 +80,14 @@ def plan_from_decompositions(
         if "sensitivity" in allocation.needs and probe is None:
             raise ValueError(f"allocation {allocation.name!r} probes the model on calibration samples: use "
                              "coala.compress (or pass a sensitivity.Probe)")
-        if "fisher" in allocation.needs:
+        if "fisher" in allocation.needs and fisher is not None:
+            for name in layers:
+                evidence[name].fisher = fisher[name]
+        elif "fisher" in allocation.needs:
             if batches is None:
-                raise ValueError(f"allocation {allocation.name!r} runs a backward pass on calibration samples: use "
-                                 "coala.compress (or pass batches)")
+                raise ValueError(f"allocation {allocation.name!r} runs a backward pass on calibration samples: pass "
+                                 "the calibration batches (apply_low_rank(..., batches=)), use coala.compress, or "
+                                 "choose allocation='uniform'")
             add_fisher(evidence, model, layers, batches, config)
         decs = dict(decompositions or {})
         for name, module in layers.items():

@@ -10,7 +10,7 @@ import torch
 
 from _tiny_models import tiny_llama_lm
 from coala.compare import CompareConfig, compare, results_markdown, write_results
-from coala.compress import apply_low_rank, collect_statistics, decompose_layers
+from coala.compress import apply_low_rank, calibration_set, collect_statistics, decompose_layers
 from coala.config import CalibrationConfig, CompressConfig, RuntimeConfig
 
 
@@ -63,17 +63,18 @@ def test_compare_runs_one_calibration_pass_and_writes_table(tiny_llama, tokenize
 
 def test_one_decomposition_gives_the_same_layers_as_a_per_ratio_solve(tiny_llama, tokenizer):
     data = CalibrationConfig(nsamples=8, seqlen=64)
-    stats = collect_statistics(tiny_llama, "builtin", methods=["coala", "svd-llm-v2"], data=data, runtime=QUIET,
-                               tokenizer=tokenizer)
+    batches, _ = calibration_set(tiny_llama, "builtin", data, tokenizer)
+    stats = collect_statistics(tiny_llama, batches, methods=["coala", "svd-llm-v2"], runtime=QUIET)
     for method in ("coala", "svd-llm-v2"):
         decs = decompose_layers(tiny_llama, stats, CompressConfig(method=method), progress=False)
         for ratio in (0.3, 0.6):
             ours = copy.deepcopy(tiny_llama)
             apply_low_rank(ours, stats, CompressConfig(method=method, ratio=ratio), decompositions=decs,
-                           progress=False)
+                           progress=False, batches=batches)
             theirs = copy.deepcopy(tiny_llama)
-            report = apply_low_rank(theirs, stats, CompressConfig(method=method, ratio=ratio), progress=False)
-            assert report.allocation == ("svd-llm-v2" if method == "svd-llm-v2" else "uniform")
+            report = apply_low_rank(theirs, stats, CompressConfig(method=method, ratio=ratio), progress=False,
+                                    batches=batches)
+            assert report.allocation == ("svd-llm-v2" if method == "svd-llm-v2" else "fisher")
             ids = torch.randint(0, tokenizer.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
             with torch.no_grad():
                 torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
