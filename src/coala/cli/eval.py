@@ -18,7 +18,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate an original or compressed model (perplexity, lm-eval, fidelity)",
                        description=__doc__, formatter_class=DefaultsHelpFormatter)
     p.add_argument("model", nargs="?", default=None,
-                   help="hub id, local model folder or compressed folder (default: the bundled MiniLM)")
+                   help="hub id, local model folder, compressed folder, .gguf file, or smollm2 (default: the bundled "
+                        "MiniLM)")
     p.add_argument("--ppl", default="",
                    help="comma-separated perplexity sources: english,builtin,docs,prose,wikitext2,c4,PATH (default, "
                         "with no --tasks / --fidelity: english,builtin for models with logits)")
@@ -63,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
     calibration = read_meta(loaded.source).get("calibration") if loaded.compressed else None  # None: builtin
     results: dict = {"model": args.model or loaded.source, "compressed": loaded.compressed,
                      "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+    if loaded.gguf is not None:
+        results["gguf"] = loaded.gguf
     nothing_asked = not args.ppl and not args.tasks and not args.fidelity
     ppl_sources = _split(args.ppl) or (["english", "builtin"] if nothing_asked and loaded.causal else [])
     rows: list[tuple[str, str, str]] = []

@@ -92,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     with torch.no_grad():
         change = float((_first_output(peft_model(**probe)) - before).abs().max())
-    meta = {"model": args.model or loaded.source, "calibration": calib.description if context else None,
+    meta = {"model": args.model or loaded.source, **({"gguf": loaded.gguf} if loaded.gguf else {}),
+            "calibration": calib.description if context else None,
             "init_seconds": round(seconds, 3), "max_output_change_at_init": change}
     save_lora(peft_model, out, tokenizer=tokenizer, meta=meta)
     n_layers = sum(1 for n, _ in peft_model.named_modules() if n.endswith(".lora_A"))
