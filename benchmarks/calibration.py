@@ -117,13 +117,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llm-nsamples", type=int, default=32, help="SmolLM2 calibration windows (32)")
     ap.add_argument("--llm-seqlen", type=int, default=256, help="SmolLM2 calibration window length (256)")
     ap.add_argument("--ppl-seqlen", type=int, default=256, help="SmolLM2 perplexity window length (256)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: MKL's SVD slows down on shared cores)")
     ap.add_argument("--no-smollm2", action="store_true", help="MiniLM only")
     ap.add_argument("--quick", action="store_true", help="one seed, MiniLM only (≈ 2 min)")
     args = ap.parse_args(argv)
     if args.quick:
         args.seeds, args.no_smollm2 = args.seeds[:1], True
 
+    import torch
+
     from _report import machine, markdown_table, new_figure, out_dir, write_markdown
+
+    torch.set_num_threads(args.threads)
 
     d = out_dir(args.out, "calibration")
     print(machine())
