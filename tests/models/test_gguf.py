@@ -126,7 +126,7 @@ def test_coala_eval_smollm2_from_the_command_line(smollm2, tmp_path, capsys):
     assert got["model"] == "smollm2" and got["gguf"] == smollm2.loaded.gguf
     ppl = got["perplexity"][str(text)]
     assert ppl["domain"] == "out of domain" and 1.0 < ppl["ppl"] < 100.0  # coherent English for a 135M LM
-    assert "ppl story.txt (out of domain)" in capsys.readouterr().out
+    assert f"ppl {text} (out of domain)" in capsys.readouterr().out
 
 
 def test_a_folder_with_several_gguf_files_names_them(tmp_path):

@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         res = perplexity(model, tokenizer, texts, seqlen=seqlen, batch_size=args.batch_size, source=source)
         domain = domain_label(source, calibration)
         results.setdefault("perplexity", {})[source] = {**res.to_dict(), "domain": domain}
-        rows.append((f"ppl {_short(source)} ({domain})", f"{res.ppl:.4f}",
+        rows.append((f"ppl {source} ({domain})", f"{res.ppl:.4f}",
                      f"{res.windows} × {res.seqlen} tokens, {res.dtype}"))
     if args.tasks:
         limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
@@ -95,15 +95,16 @@ def run(args: argparse.Namespace) -> int:
             fid = embedding_fidelity(model, ref, tokenizer, texts, batch_size=max(args.batch_size, 32))
             domain = domain_label(source, calibration)
             results["fidelity"][source] = {**fid.to_dict(), "domain": domain}
-            rows.append((f"cosine mean {_short(source)} ({domain})", f"{fid.mean_cosine:.4f}",
+            rows.append((f"cosine mean {source} ({domain})", f"{fid.mean_cosine:.4f}",
                          f"vs reference {_short(reference)}, {fid.sentences} sentences"))
-            rows.append((f"cosine p05 {_short(source)} ({domain})", f"{fid.p05_cosine:.4f}", "5th percentile"))
+            rows.append((f"cosine p05 {source} ({domain})", f"{fid.p05_cosine:.4f}", "5th percentile"))
     if not rows:
         raise ValueError("nothing to evaluate: give --ppl, --tasks or --fidelity")
     name = _short(results["model"])
     kind = "original" if not loaded.compressed else (
         f"compressed from {_short(loaded.base_model)}" if loaded.base_model else "compressed")
-    calibrated = "" if not loaded.compressed else f", calibrated on {_calibration_name(calibration)}"
+    calibrated = _calibration_name(calibration) if loaded.compressed else None
+    calibrated = f", calibrated on {calibrated}" if calibrated else ""
     print(f"{name}: {kind}{calibrated}, {results['dtype']}"
           + ("; cosine: its mean-pooled sentence embeddings against the reference's" if "fidelity" in results else ""))
     print_table(("metric", f"value ({name})", "details"), rows)
@@ -113,8 +114,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _calibration_name(description: dict | None) -> str:
-    """The calibration source recorded in coala.json, for the title line."""
+def _calibration_name(description: dict | None) -> str | None:
+    """The calibration text recorded in coala.json (a named source or a file), for the title line; None when it
+    was something else (texts or batches given in Python) or is not recorded."""
+    from coala.data import SOURCES
+
     if not isinstance(description, dict):
-        return "an unrecorded text"
-    return _short(description.get("path") or description.get("source") or "an unrecorded text")
+        return None
+    if description.get("source") == "file" and description.get("path"):
+        return str(description["path"])
+    return description.get("source") if description.get("source") in SOURCES else None
