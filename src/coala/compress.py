@@ -30,6 +30,7 @@ from .layer_solve import decompose_layer, restore_layers, solve_layers
 from .linalg.decomposition import Decomposition
 from .linalg.stats import ActivationStats
 from .lowrank import linear_shape, model_device
+from .models import origin_meta
 from .planning import plan_from_decompositions, plan_in_pass
 from .preflight import check_model
 from .resume import INTERRUPT_ENV, SimulatedInterruption, fingerprint, offload_dir, prepare_output
@@ -170,7 +171,7 @@ def _save(model: nn.Module, config: CompressConfig, description: dict, report: C
     meta = {"method": config.method, "ratio": config.ratio, "rank_override": config.rank, "mu": config.mu,
             "adaptive_mu": config.adaptive_mu, "propagate": config.propagate, "allocation": allocation_meta(config),
             "targets": config.targets, "stats_dtype": config.stats_dtype, "calibration": description,
-            "totals": report.totals(), "base_model": getattr(getattr(model, "config", None), "_name_or_path", None)}
+            "totals": report.totals(), **origin_meta(model)}
     save_compressed(model, output.out_dir, meta=json.loads(json.dumps(meta)), tokenizer=tokenizer,
                     max_shard_size=output.max_shard_size, overwrite=output.overwrite)
 

@@ -97,3 +97,28 @@ def test_markdown_bolds_the_best_per_ratio():
             {"method": "b", "ratio": 0.2, "removed": 0.2, "weighted_err": 0.3, "ppl:x": 6.0}]
     md = results_markdown(CompareResult(rows, ["ppl:x"], {}))
     assert "| a | 0.2 | 0.2 | 7 | **0.1** |" in md and "| b | 0.2 | 0.2 | **6** | 0.3 |" in md
+
+
+def test_default_evaluation_is_out_of_domain_and_in_domain_labelled(tokenizer):
+    """With no evals, an encoder is judged on the english evaluation text (out of domain) and on the held-out
+    calibration mix (in domain); a model with logits by perplexity on the same two texts."""
+    import transformers
+
+    from coala.compare import default_evals, metric_label
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                  vocab_size=tokenizer.vocab_size, max_position_embeddings=512)
+    encoder = transformers.BertModel(cfg).eval()
+    assert default_evals(encoder) == ["fidelity:english", "fidelity:builtin"]
+    result = compare(encoder, tokenizer, CompareConfig(methods=["coala"], ratios=[0.5]),
+                     data=CalibrationConfig(nsamples=8, seqlen=64), runtime=QUIET)
+    headers, body = result.table()
+    assert headers[3:7] == ["cos mean english (out of domain)", "cos p05 english (out of domain)",
+                            "cos mean builtin (in domain, held out)", "cos p05 builtin (in domain, held out)"]
+    assert body[0][3:7] == pytest.approx([1.0] * 4) and all(0 < v < 1 for v in body[1][3:7])
+    assert metric_label("ppl:english", "docs") == "ppl english (out of domain)"
+    assert metric_label("ppl:builtin", "docs") == "ppl builtin (partly in domain, held out)"
+    assert metric_label("task:piqa") == "task:piqa"
+    llama = tiny_llama_lm(tokenizer.vocab_size, hidden=32)
+    assert default_evals(llama) == ["ppl:english", "ppl:builtin"]

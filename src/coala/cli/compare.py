@@ -17,8 +17,10 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("compare", help="compare methods at several ratios from one calibration pass",
                        description=__doc__, formatter_class=DefaultsHelpFormatter)
-    p.add_argument("model", nargs="?", default=None, help="hub id or local folder (default: the bundled MiniLM)")
-    p.add_argument("--calib", default="builtin", help="calibration source: builtin, wikitext2, c4 or PATH")
+    p.add_argument("model", nargs="?", default=None,
+                   help="hub id, local folder, .gguf file, or smollm2 (default: the bundled MiniLM)")
+    p.add_argument("--calib", default="builtin",
+                   help="calibration source: builtin, docs, prose, wikitext2, c4 or PATH")
     p.add_argument("--out", default="results/compare", help="output folder (default results/compare)")
     add_arguments(p, CompareConfig)
     add_arguments(p, CalibrationConfig, defaults={"nsamples": None},
