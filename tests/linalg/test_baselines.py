@@ -39,9 +39,10 @@ def ref_svd_llm(W, X, r, gram=None):
     return _truncate(W.to(F64) @ L, r) @ torch.linalg.inv(L)
 
 
-def ref_svd_llm_v2(W, X, r):
-    G = X.to(F64).T @ X.to(F64)
-    S, Us = torch.linalg.eigh(G)
+def ref_svd_llm_v2(W, X, r, gram=None):
+    """The paper's recipe literally: an SVD of the Gram matrix (singular values, never negative)."""
+    G = X.to(F64).T @ X.to(F64) if gram is None else gram.to(F64)
+    Us, S, _ = torch.linalg.svd(G)
     D = W.to(F64) @ Us * S.sqrt()
     return _truncate(D, r) / S.sqrt() @ Us.T
 
