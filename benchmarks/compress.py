@@ -50,7 +50,7 @@ def child(nsamples: int, method: str, ratio: float, fidelity: bool, offload: boo
     model, tok, _ = load_model()
     original = copy.deepcopy(model) if fidelity else None
     loaded = peak_mb()
-    report = compress(model, "builtin", CompressConfig(ratio=ratio, method=method),
+    report = compress(model, "builtin", CompressConfig(ratio=ratio, method=method, propagate="compressed"),
                       data=CalibrationConfig(nsamples=nsamples),
                       runtime=RuntimeConfig(offload_hidden=offload, progress=False), tokenizer=tok)
     out = {"nsamples": nsamples, "method": method, "ratio": ratio, "offload": offload, "loaded_mb": loaded,

@@ -4,8 +4,8 @@
 the original model first (``coala.planning``): for each block, statistics of the targeted layers' inputs, then
 ``solve_layers`` swaps in the ``LowRankLinear`` layers, then the block's outputs feed the next block — of the
 compressed block (``propagate="compressed"``, sequential calibration: later blocks see the activations they will
-really receive) or of the original one (``"original"``, SVD-LLM's profiling). With an output folder each block
-is checkpointed, and ``resume`` continues an interrupted run to the identical result.
+really receive) or of the original one (``"original"``, SVD-LLM's profiling); ``"auto"`` is the method's own. With
+an output folder each block is checkpointed, and ``resume`` continues an interrupted run to the identical result.
 
 ``collect_statistics`` (one pass over the ORIGINAL model) + ``decompose_layers`` + ``apply_low_rank`` solve many
 methods / ratios from one pass (``coala.compare`` uses them).
@@ -129,11 +129,11 @@ def compress(model: nn.Module, calibration="builtin", config: CompressConfig | N
             return BlockResult(state, meta)
 
         results = walker.walk(solve, kinds=config.kinds(), dtype=config.accumulation_dtype,
-                              propagate=config.propagate, checkpoint=ckpt, done=done, restore=restore,
+                              propagate=config.resolved_propagate, checkpoint=ckpt, done=done, restore=restore,
                               desc="compress blocks")
         report = CompressionReport(
             method=config.method, ratio=None if config.rank is not None else float(config.ratio),
-            mu=float(config.mu), adaptive_mu=config.adaptive_mu, propagate=config.propagate,
+            mu=float(config.mu), adaptive_mu=config.adaptive_mu, propagate=config.resolved_propagate,
             allocation=config.resolved_allocation,
             layers=[LayerReport(**row) for res in results for row in res.meta["layers"]],
             model_params_before=params_before, model_params_after=sum(p.numel() for p in model.parameters()),
@@ -169,7 +169,8 @@ def _save(model: nn.Module, config: CompressConfig, description: dict, report: C
     from .io import save_compressed
 
     meta = {"method": config.method, "ratio": config.ratio, "rank_override": config.rank, "mu": config.mu,
-            "adaptive_mu": config.adaptive_mu, "propagate": config.propagate, "allocation": allocation_meta(config),
+            "adaptive_mu": config.adaptive_mu, "propagate": config.resolved_propagate,
+            "allocation": allocation_meta(config),
             "targets": config.targets, "stats_dtype": config.stats_dtype, "calibration": description,
             "totals": report.totals(), **origin_meta(model)}
     save_compressed(model, output.out_dir, meta=json.loads(json.dumps(meta)), tokenizer=tokenizer,

@@ -123,7 +123,9 @@ class CompressConfig:
     one rank everywhere instead ("full" = min(out, in); every targeted matrix is then replaced). ``allocation``
     names an entry of ``coala.allocate.ALLOCATIONS`` or "auto" (the method's own: SVD-LLM V2's per-group
     allocation for svd-llm-v2, uniform otherwise). ``propagate``: the next block is calibrated on the outputs of
-    the compressed block ("compressed", sequential) or of the original one ("original", SVD-LLM's profiling).
+    the compressed block ("compressed", sequential) or of the original one ("original", SVD-LLM's and ASVD's
+    profiling); "auto" is the method's own (``Method.propagate``: original for the published profiling of asvd,
+    svd-llm and svd-llm-v2, compressed for coala and svd).
     """
 
     ratio: float = option(0.2, "fraction of the targeted layers' parameters removed, in (0, 1)", parse=float)
@@ -135,8 +137,10 @@ class CompressConfig:
         parse=csv_names)
     rank: int | str | None = option(None, "force this rank (or 'full') for every targeted layer instead of --ratio",
                                      parse=_rank)
-    propagate: str = option("compressed", "next block's inputs: outputs of the compressed block or of the original",
-                             choices=lambda: PROPAGATIONS)
+    propagate: str = option(
+        "auto", "next block's inputs: outputs of the compressed block or of the original; auto: the method's own "
+        "(original for asvd, svd-llm, svd-llm-v2 as published; compressed for coala, svd)",
+        choices=lambda: ["auto", *PROPAGATIONS])
     allocation: str = option(
         "auto", "ranks from --ratio: auto (the method's own: svd-llm-v2 per group, others uniform), uniform, "
         "svd-llm-v2, or sensitivity (each matrix probed alone on the whole model's output: 4 forward passes of the "
@@ -162,8 +166,9 @@ class CompressConfig:
             raise CoalaError(f"mu must be a finite number >= 0, got {self.mu!r}", argument="mu")
         if (self.mu or self.adaptive_mu) and not m.uses_mu:
             raise CoalaError(f"mu / adaptive_mu apply to method 'coala' only, not {self.method!r}", argument="mu")
-        if self.propagate not in PROPAGATIONS:
-            raise CoalaError(f"propagate must be one of {PROPAGATIONS}, got {self.propagate!r}", argument="propagate")
+        if self.propagate != "auto" and self.propagate not in PROPAGATIONS:
+            raise CoalaError(f"propagate must be 'auto' or one of {PROPAGATIONS}, got {self.propagate!r}",
+                             argument="propagate")
         if self.allocation != "auto" and self.allocation not in allocation_names():
             raise CoalaError(f"allocation must be 'auto' or one of {allocation_names()}, got {self.allocation!r}",
                              argument="allocation")
@@ -187,6 +192,11 @@ class CompressConfig:
         if self.rank is not None:
             return "uniform"
         return get_method(self.method).allocation if self.allocation == "auto" else self.allocation
+
+    @property
+    def resolved_propagate(self) -> str:
+        """The propagation that runs: the method's own (``Method.propagate``) for "auto"."""
+        return get_method(self.method).propagate if self.propagate == "auto" else self.propagate
 
     @property
     def accumulation_dtype(self) -> torch.dtype:

@@ -1,7 +1,8 @@
 """Baselines as published (docs/design.md §5). Each returns a Decomposition; deviations are documented.
 
 All arithmetic is in the compute dtype (float32, or float64 when W and X are float64) except where the
-published recipe says float64 (SVD-LLM's Cholesky and inverse, SVD-LLM V2's eigendecomposition).
+published recipe says float64 (SVD-LLM's Cholesky and inverse) or where coala chooses it for a baseline's
+benefit (SVD-LLM V2's decomposition of the Gram matrix, §5).
 """
 
 from __future__ import annotations
@@ -19,10 +20,16 @@ def svd_decomposition(W: Tensor) -> BalancedSVD:
 
 
 def asvd_decomposition(W: Tensor, absmean: Tensor, alpha: float = 0.5) -> BalancedSVD:
-    """ASVD (Yuan et al. 2023): s_j = mean_tokens(|x_j|)^α + 1e-6; SVD of W·diag(s); W' = U_rΣ_rV_rᵀ diag(s)⁻¹.
+    """ASVD (Yuan et al. 2023), abs-mean scaling: s_j = mean_tokens(|x_j|)^α + 1e-6; SVD of W·diag(s);
+    W' = U_rΣ_rV_rᵀ diag(s)⁻¹.
 
-    ``absmean``: (in,) mean of |x| per input channel. Deviation: none (α = 0.5, the published default;
-    the published per-layer sensitivity search for ranks is not part of this solve).
+    ``absmean``: (in,) mean of |x| per input channel (float64 sums over real tokens). α = 0.5 is the published
+    default. Deviations from the published code (hahnyuan/ASVD4LLM), docs/design.md §5: an exact SVD instead of
+    ``torch.svd_lowrank(w, q=rank)`` (randomised, no oversampling: never better than the exact one); the mean is
+    over all real tokens instead of a sum over calibration sequences of per-sequence means (accumulated in the
+    model's dtype), which rescales s by a constant and so only moves the 1e-6 relative to s; ranks come from
+    coala's allocations (ASVD's own sensitivity search ≈ ``allocation="sensitivity"``); the abs-max and Fisher
+    scalings and channel splitting are not implemented.
     """
     s = absmean.to(W).pow(alpha) + 1e-6
     U, S, Vh = torch.linalg.svd(W * s, full_matrices=False)
@@ -30,12 +37,14 @@ def asvd_decomposition(W: Tensor, absmean: Tensor, alpha: float = 0.5) -> Balanc
 
 
 def svd_llm_decomposition(W: Tensor, gram: Tensor, name: str | None = None) -> BalancedSVD:
-    """SVD-LLM (Wang et al. 2024) truncation-aware whitening.
+    """SVD-LLM (Wang et al. 2024) truncation-aware whitening, as in the published code (SVDLLM.py).
 
     G (raw sum of xᵀx, as accumulated) → L = cholesky(G) in float64; if that fails,
     G += (−λ_min(G) + 1e-6)·I and retry; L⁻¹ = inv(L) in float64; both cast to the compute dtype;
-    W L = UΣVᵀ; A = U_rΣ_r^½, B = Σ_r^½V_rᵀL⁻¹. Deviation: none. If the shifted Cholesky fails too, a
-    ValueError names the layer (the published code would crash with LAPACK's message).
+    W L = UΣVᵀ; A = U_rΣ_r^½, B = Σ_r^½V_rᵀL⁻¹. The 1e-6 of the shift is absolute, as published: negligible
+    next to a Gram summed over many tokens of real activations, but it sets a floor of 1e-6 on the eigenvalues,
+    so on data of small scale (‖X‖₂ ≈ 1) it dominates the small directions. Deviation: if the shifted Cholesky
+    fails too, a ValueError names the layer (the published code would crash with LAPACK's message).
     """
     G = gram.to(device=W.device, dtype=torch.float64)
     L, info = torch.linalg.cholesky_ex(G)
@@ -53,23 +62,25 @@ def svd_llm_decomposition(W: Tensor, gram: Tensor, name: str | None = None) -> B
 
 
 def svd_llm_v2_decomposition(W: Tensor, gram: Tensor) -> BalancedSVD:
-    """SVD-LLM V2 truncation (Wang et al. 2025): G = U_s S_s U_sᵀ; D = W U_s S_s^½ = UΣVᵀ;
+    """SVD-LLM V2 truncation (Wang et al. 2025): SVD of G = U_s S_s U_sᵀ; D = W U_s S_s^½ = UΣVᵀ;
     W' = U_rΣ_rV_rᵀ S_s^{-½} U_sᵀ.
 
-    The eigendecomposition runs in float64 (then cast to the compute dtype). Deviation (the clamp
-    docs/design.md §5 records; the paper gives none): S_s^{-½} is the pseudo-inverse — eigenvalues
-    ≤ n·eps(float64)·λ_max, i.e. zero to the float64 eigensolver's precision (negative ones from the rounding
-    of G included), get S_s^{½} = S_s^{-½} = 0. Every other eigenvalue is used as computed, as the recipe
-    says, even when G (a float32 sum) is far less accurate than that: a tolerance at G's own rounding level
-    (n·eps(float32)·λ_max) would drop well-determined directions of ordinary activations (half of them for
-    a MiniLM FFN input with cond(X) ≈ 5e3) and misrepresent the method.
+    S_s are the *singular values* of G, as the paper's SVD of the Gram matrix returns them: computed as |λ| of
+    a float64 ``eigh`` of G (same U_s up to signs, which cancel in D and W'). A float32 Gram of ill-conditioned
+    X has rounding-noise eigenvalues of either sign where X has small singular values; the singular values keep
+    those directions with their noise-level weight, while clamping negative eigenvalues to zero would remove
+    them from W' altogether (the excess error this cost was 5× larger at rank 224 of 256 in the stability
+    setting, docs/design.md §5). The only deviation: S_s^{-½} is a pseudo-inverse — singular values
+    ≤ n·eps(float64)·max S_s, zero to the float64 eigensolver's precision (the published formula would divide
+    by zero), get S_s^{½} = S_s^{-½} = 0. The float64 eigendecomposition (the COALA authors' rendition runs
+    a float32 SVD of G) only removes rounding of the method's own; D and its SVD are in the compute dtype.
     The published per-group ratio allocation lives in ``coala.allocate``, not in this per-matrix solve.
     """
     G = gram.to(device=W.device, dtype=torch.float64)
     evals, Us = torch.linalg.eigh(G)
-    tol = G.shape[0] * torch.finfo(torch.float64).eps * float(evals.abs().max())
-    keep = evals > tol
-    root = torch.where(keep, evals.clamp_min(0).sqrt(), torch.zeros_like(evals))
+    sv = evals.abs()  # the singular values of the symmetric G
+    keep = sv > G.shape[0] * torch.finfo(torch.float64).eps * float(sv.max())
+    root = torch.where(keep, sv.sqrt(), torch.zeros_like(sv))
     inv_root = torch.where(keep, 1.0 / root.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(root))
     Us, root, inv_root = Us.to(W.dtype), root.to(W.dtype), inv_root.to(W.dtype)
     U, S, Vh = torch.linalg.svd((W @ Us) * root, full_matrices=False)

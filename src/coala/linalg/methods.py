@@ -29,6 +29,7 @@ class Method:
     build: Callable[..., Decomposition]
     uses_mu: bool = False
     allocation: str = "uniform"  # the rank allocation "auto" resolves to (a name of coala.allocate.ALLOCATIONS)
+    propagate: str = "compressed"  # what propagate="auto" resolves to: the published profiling (docs/design.md §5)
 
 
 def _coala(W, stats, mu, adaptive_mu, name):
@@ -41,15 +42,17 @@ METHODS: dict[str, Method] = {
     "asvd": Method(
         "asvd", frozenset({"absmean"}),
         lambda W, stats, mu, adaptive_mu, name: asvd_decomposition(W, stats.absmean.mean),
+        propagate="original",
     ),
     "svd-llm": Method(
         "svd-llm", frozenset({"gram"}),
         lambda W, stats, mu, adaptive_mu, name: svd_llm_decomposition(W, stats.gram.G, name=name),
+        propagate="original",
     ),
     "svd-llm-v2": Method(
         "svd-llm-v2", frozenset({"gram"}),
         lambda W, stats, mu, adaptive_mu, name: svd_llm_v2_decomposition(W, stats.gram.G),
-        allocation="svd-llm-v2",
+        allocation="svd-llm-v2", propagate="original",
     ),
 }
 
