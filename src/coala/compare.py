@@ -104,17 +104,21 @@ def _metric_kind(metric: str) -> str:
     return metric.split(":")[0] if ":" in metric else metric
 
 
-def _evaluate(model: nn.Module, tokenizer, evals: Sequence[str], config: CompareConfig, ref_emb) -> dict:
+def _evaluate(model: nn.Module, tokenizer, evals: Sequence[str], config: CompareConfig, ref_emb,
+              windows: dict) -> dict:
+    """The metrics of one model; ``windows`` caches the perplexity windows (cut once, scored for every model)."""
     from .data import builtin_sentences, load_texts
-    from .evaluate import embedding_fidelity, lm_eval_tasks, perplexity
+    from .evaluate import embedding_fidelity, lm_eval_tasks, perplexity, perplexity_windows
 
     out: dict[str, float] = {}
     for spec in evals:
         kind, _, arg = spec.partition(":")
         if kind == "ppl":
             seqlen = min(config.ppl_seqlen, getattr(model.config, "max_position_embeddings", config.ppl_seqlen))
-            res = perplexity(model, tokenizer, load_texts(arg or "builtin", "test"), seqlen=seqlen,
-                             batch_size=1, source=arg, progress=False)
+            if (arg, seqlen) not in windows:
+                windows[arg, seqlen] = perplexity_windows(tokenizer, load_texts(arg or "builtin", "test"), seqlen,
+                                                          source=arg or "builtin")
+            res = perplexity(model, tokenizer, windows[arg, seqlen], progress=False)
             out[f"ppl:{arg or 'builtin'}"] = res.ppl
         elif kind == "fidelity":
             fid = embedding_fidelity(model, ref_emb, tokenizer, builtin_sentences("test"),
@@ -152,9 +156,10 @@ def compare(model: nn.Module, tokenizer, config: CompareConfig | None = None, *,
 
         ref_emb = sentence_embeddings(model, tokenizer, builtin_sentences("test"), batch_size=config.eval_batch_size)
     layers = {name: model.get_submodule(name) for name in stats}
+    windows: dict = {}  # perplexity windows, cut once for every model
     t = time.perf_counter()
     rows = [{"method": "original", "ratio": 0.0, "removed": 0.0, "weighted_err": 0.0,
-             **_evaluate(model, tokenizer, evals, config, ref_emb)}]
+             **_evaluate(model, tokenizer, evals, config, ref_emb, windows)}]
     times["eval_s"] += time.perf_counter() - t
     bar = tqdm(total=len(config.methods) * len(config.ratios), desc="compare", disable=not runtime.progress)
     for method in config.methods:
@@ -173,7 +178,7 @@ def compare(model: nn.Module, tokenizer, config: CompareConfig | None = None, *,
             errors = [r.rel_error for r in report_rows if r.rank is not None and r.rel_error is not None]
             times["solve_s"] += time.perf_counter() - t
             t = time.perf_counter()
-            metrics = _evaluate(candidate, tokenizer, evals, config, ref_emb)
+            metrics = _evaluate(candidate, tokenizer, evals, config, ref_emb, windows)
             times["eval_s"] += time.perf_counter() - t
             removed = achieved({r.name: (r.out_features, r.in_features) for r in report_rows},
                                {r.name: r.rank for r in report_rows})["removed_fraction"]
