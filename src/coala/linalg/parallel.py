@@ -85,4 +85,10 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T], workers: int | None =
         if pool is None:
             pool = _POOL[key] = ThreadPoolExecutor(workers, thread_name_prefix="coala-linalg",
                                                    initializer=_pin_to_one_thread)
-    return list(pool.map(fn, items))
+    grad = torch.is_grad_enabled()  # autograd's mode is per thread: the workers take the caller's
+
+    def call(x: T) -> R:
+        with torch.set_grad_enabled(grad):
+            return fn(x)
+
+    return list(pool.map(call, items))
