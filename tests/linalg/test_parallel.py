@@ -52,6 +52,16 @@ def test_parallel_map_keeps_order_pins_workers_and_raises():
         parallel_map(boom, [0, 1, 2, 3], workers=2)
 
 
+def test_workers_take_the_callers_autograd_and_inference_modes():
+    X = torch.randn(600, 80, dtype=F64)
+    with torch.inference_mode():  # tensors made here may only be updated in place in inference mode
+        f = RFactor(80, dtype=F64, block_rows=100, lanes=2).update(X)
+        assert torch.allclose(f.R, _reference(X), atol=1e-10)
+    with torch.no_grad():
+        assert parallel_map(lambda _: torch.is_grad_enabled(), [0, 1, 2], workers=2) == [False] * 3
+    assert parallel_map(lambda _: torch.is_grad_enabled(), [0, 1, 2], workers=2) == [True] * 3
+
+
 def test_worker_count_and_default_lanes():
     assert worker_count("meta") == 1 and default_lanes(4096, "meta") == 1
     assert default_lanes(16) == 1  # tiny widths: one thread is already fast

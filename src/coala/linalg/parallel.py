@@ -85,10 +85,11 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T], workers: int | None =
         if pool is None:
             pool = _POOL[key] = ThreadPoolExecutor(workers, thread_name_prefix="coala-linalg",
                                                    initializer=_pin_to_one_thread)
-    grad = torch.is_grad_enabled()  # autograd's mode is per thread: the workers take the caller's
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()  # per thread: the workers take
+    # the caller's (an in-place update of a tensor made in inference mode is refused outside it)
 
     def call(x: T) -> R:
-        with torch.set_grad_enabled(grad):
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
             return fn(x)
 
     return list(pool.map(call, items))

@@ -92,8 +92,13 @@ def stack_triangle_(R: Tensor, S: Tensor, workspace: dict[str, Tensor] | None = 
         R[i0:, i0:] = sub
 
 
+BLOCKED_DEVICES = {"cpu"}  # device types that run the blocked kernel; elsewhere one stacked geqrf per update. The
+# kernel runs anywhere torch does (its leaves fall back to torch.geqrf off the CPU): benchmarks/runtime.py times it
+# on a GPU by adding "cuda" here.
+
+
 def _fast(t: Tensor) -> bool:
-    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
+    return t.device.type in BLOCKED_DEVICES and t.dtype in (torch.float32, torch.float64)
 
 
 def update_r_(R: Tensor, work: Tensor, workspace: dict[str, Tensor] | None = None) -> None:
@@ -156,7 +161,7 @@ class _Leaves:
         """Householder QR of the column-major view A (m × w) in place; returns τ (w,)."""
         w = A.shape[1]
         tau = self.tau[:w]
-        if lapack.geqrf_(A, tau, self.lwork):
+        if A.device.type == "cpu" and lapack.geqrf_(A, tau, self.lwork):
             return tau
         a, tau = torch.geqrf(A)  # no LAPACK reachable through ctypes: torch's copy-in, copy-out call
         A.copy_(a)
