@@ -12,6 +12,14 @@ same count as the Gram update XᵀX. The work is arranged so that almost all of 
 * reflectors are applied in compact-WY form Qᵀ = I − V Tᵀ Vᵀ, with V = [I; V_B]; T is the upper
   triangular factor of Schreiber–Van Loan, from T⁻¹ = diag(1/τ) + striu(VᵀV) (Puglisi; Joffrain et al. 2006)
   and, across the halves of a node, T₁₂ = −T₁ (V₁ᵀV₂) T₂.
+* the leaves call LAPACK ``geqrf`` of torch's own MKL in place on the panel scratch (``lapack.geqrf_``, no
+  copies), and the whole panel factorisation runs on one MKL thread; the trailing GEMMs use every thread.
+
+Where the time goes (docs/design.md §11): the trailing updates are 2·b·n·(n − k) flops of large GEMMs; the panels
+are ≈ 3·b·k·n flops (the Householder work inside the panels plus T, ≈ k/(2n) more flops than the Gram) in narrow
+GEMMs and BLAS-2 leaves that run at roughly half the GEMM rate, plus one transposing copy of the block into the
+panel scratch. Hence the cost relative to the Gram update falls with n: ≈ 1.8× at n = 576, 1.4× at 1024, 1.2×
+at 4096 on one thread of this project's machine.
 
 Every transform is an orthogonal Householder reflector, so the result is backward stable: it is the exact R
 of [R; rows] + E with ‖E‖ = O(eps)·‖[R; rows]‖ (no Gram matrix, no Cholesky, no Gram–Schmidt).
@@ -28,9 +36,10 @@ from torch import Tensor
 from . import lapack
 
 PANEL = 128  # columns per panel: the width k of the trailing GEMMs (b × k) · (k × c)
-LEAF = 16  # columns per LAPACK geqrf call. Its BLAS-2 work grows ∝ b·n·LEAF, and MKL multi-threads geqrf from
-# 32 columns on, 3–5× slower than one thread on these tall-skinny panels; each leaf and node costs ≈ 20 small
-# torch calls (≈ 2 µs each on one thread). One thread: 16/32/64/128 within 5 %; two threads: 16 clearly fastest.
+LEAF = 32  # columns per LAPACK geqrf call (always on one MKL thread: threaded, it is 3–5× slower on these
+# tall-skinny panels). Its BLAS-2 work grows ∝ b·n·LEAF; each leaf and node costs ≈ 10–20 small torch calls
+# (≈ 5 µs each). Measured at one thread (benchmarks/runtime.py sweep): 16 and 32 within noise, 32 ahead at
+# n ≥ 1024 by 2–5 % (half the calls).
 
 
 def normalize_signs(R: Tensor) -> Tensor:
