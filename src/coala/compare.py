@@ -127,17 +127,21 @@ def metric_label(metric: str, calibration="builtin") -> str:
     return f"{kind.replace('_', ' ')} {name} ({domain_label(source, calibration)})"
 
 
-def _evaluate(model: nn.Module, tokenizer, evals: Sequence[str], config: CompareConfig, references: dict) -> dict:
+def _evaluate(model: nn.Module, tokenizer, evals: Sequence[str], config: CompareConfig, references: dict,
+              windows: dict) -> dict:
+    """The metrics of one model; ``windows`` caches the perplexity windows (cut once, scored for every model)."""
     from .data import load_texts
-    from .evaluate import embedding_fidelity, lm_eval_tasks, perplexity
+    from .evaluate import embedding_fidelity, lm_eval_tasks, perplexity, perplexity_windows
 
     out: dict[str, float] = {}
     for spec in evals:
         kind, _, arg = spec.partition(":")
         if kind == "ppl":
             seqlen = min(config.ppl_seqlen, getattr(model.config, "max_position_embeddings", config.ppl_seqlen))
-            res = perplexity(model, tokenizer, load_texts(arg or "builtin", "test"), seqlen=seqlen,
-                             batch_size=1, source=arg, progress=False)
+            if (arg, seqlen) not in windows:
+                windows[arg, seqlen] = perplexity_windows(tokenizer, load_texts(arg or "builtin", "test"), seqlen,
+                                                          source=arg or "builtin")
+            res = perplexity(model, tokenizer, windows[arg, seqlen], progress=False)
             out[f"ppl:{arg or 'builtin'}"] = res.ppl
         elif kind == "fidelity":
             sentences, ref_emb = references[arg or "builtin"]
@@ -190,9 +194,10 @@ def compare(model: nn.Module, tokenizer, config: CompareConfig | None = None, *,
         fisher = gradient_scales(model, layers, first_samples(batches, base.sensitivity_samples),
                                  progress=runtime.progress)
         times["allocation_s"] = time.perf_counter() - t
+    windows: dict = {}  # perplexity windows, cut once for every model
     t = time.perf_counter()
     rows = [{"method": "original", "ratio": 0.0, "removed": 0.0, "weighted_err": 0.0,
-             **_evaluate(model, tokenizer, evals, config, references)}]
+             **_evaluate(model, tokenizer, evals, config, references, windows)}]
     times["eval_s"] += time.perf_counter() - t
     bar = tqdm(total=len(config.methods) * len(config.ratios), desc="compare", disable=not runtime.progress)
     for method in config.methods:
@@ -211,7 +216,7 @@ def compare(model: nn.Module, tokenizer, config: CompareConfig | None = None, *,
             errors = [r.rel_error for r in report_rows if r.rank is not None and r.rel_error is not None]
             times["solve_s"] += time.perf_counter() - t
             t = time.perf_counter()
-            metrics = _evaluate(candidate, tokenizer, evals, config, references)
+            metrics = _evaluate(candidate, tokenizer, evals, config, references, windows)
             times["eval_s"] += time.perf_counter() - t
             removed = achieved({r.name: (r.out_features, r.in_features) for r in report_rows},
                                {r.name: r.rank for r in report_rows})["removed_fraction"]

@@ -28,6 +28,7 @@ from .config import CalibrationConfig, CompressConfig, OutputConfig, RuntimeConf
 from .errors import CoalaTypeError
 from .layer_solve import decompose_layer, restore_layers, solve_layers
 from .linalg.decomposition import Decomposition
+from .linalg.parallel import parallel_map
 from .linalg.stats import ActivationStats
 from .lowrank import linear_shape, model_device
 from .models import origin_meta
@@ -214,9 +215,15 @@ def decompose_layers(model: nn.Module, stats: dict[str, ActivationStats], config
     memory: ≈ 3 × the weights."""
     config = _check(config, CompressConfig, "config")
     dev = torch.device(device) if device is not None else None
-    with torch.no_grad():
-        return {name: decompose_layer(model.get_submodule(name), stats[name], config, name, dev)
-                for name in tqdm(stats, desc=f"decompose ({config.method})", disable=not progress, leave=False)}
+    bar = tqdm(total=len(stats), desc=f"decompose ({config.method})", disable=not progress, leave=False)
+
+    def one(name: str) -> Decomposition:
+        dec = decompose_layer(model.get_submodule(name), stats[name], config, name, dev)
+        bar.update(1)
+        return dec
+
+    with torch.no_grad(), bar:  # the matrices side by side, one thread each (docs/design.md §11)
+        return dict(zip(stats, parallel_map(one, list(stats)), strict=True))
 
 
 def apply_low_rank(model: nn.Module, stats: dict[str, ActivationStats], config: CompressConfig | None = None, *,
