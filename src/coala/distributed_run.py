@@ -25,9 +25,9 @@ from .distributed import (
     check_same,
     is_distributed,
     is_main,
+    phase,
     publish_failure,
     rank,
-    sync,
     world_size,
 )
 from .layer_solve import StatsSource, restore_layers, solve_layers
@@ -68,7 +68,7 @@ def shard_batches(batches: Sequence[dict[str, Tensor]]) -> list[dict[str, Tensor
         if len(batches) < n:
             raise DistributedError(f"fewer calibration samples ({len(batches)}) than ranks ({n}): every rank needs "
                                    "at least one; give more samples (--nsamples) or start fewer processes",
-                                   argument="nsamples")
+                                   argument="nsamples", shared=True)
     sizes = [(b["input_ids"] if "input_ids" in b else b["inputs_embeds"][..., 0]).shape for b in batches]
     costs = [float(rows * seq) * max(1.0, seq / 256) for rows, seq in sizes]
     me = rank()
@@ -88,8 +88,8 @@ def on_main(fn: Callable[[], T], what: str, *, share: bool = False) -> T | None:
         except BaseException as err:
             publish_failure(err)
             raise
-    sync(what)
-    return broadcast_json(value if is_main() else None, 0, what=what) if share else value
+    with phase(what):  # the check-in: the others learn here whether rank 0 failed
+        return broadcast_json(value if is_main() else None, 0, what=what) if share else value
 
 
 class MainCheckpoint:
@@ -107,9 +107,10 @@ class MainCheckpoint:
             self.ckpt.save_block(index, state, meta)
 
     def load_block(self, index: int) -> tuple[dict[str, Tensor], dict]:
-        state, meta = on_main(lambda: self.ckpt.load_block(index), f"read checkpoint block {index}") or (None, None)
-        meta = broadcast_json(meta, 0, what=f"checkpoint block {index}")
-        return broadcast_tensors(state, 0, what=f"checkpoint block {index} tensors"), meta
+        state, meta = self.ckpt.load_block(index) if is_main() else (None, None)  # a failure is published
+        with phase(f"read checkpoint block {index}"):
+            meta = broadcast_json(meta, 0, what=f"checkpoint block {index}")
+            return broadcast_tensors(state, 0, what=f"checkpoint block {index} tensors"), meta
 
     def finished(self) -> int:
         return self.ckpt.finished() if is_main() else 0
@@ -183,13 +184,14 @@ def solve_layers_split(model: nn.Module, layers: Mapping[str, nn.Module], source
     target = dense_weight(layers[names[0]]).device if names else None
     by_name: dict[str, Any] = {r.name: r for r in rows}
     tensors: dict[str, Tensor] = dict(state)
-    for r in range(world_size()):
-        got_rows = broadcast_json([asdict(x) for x in rows] if r == me else None, r, what=f"solve: rows of rank {r}")
-        got = broadcast_tensors(state if r == me else None, r, device=target, what=f"solve: factors of rank {r}")
-        if r != me:
-            restore_layers(model, got, got_rows)
-            by_name.update({row["name"]: LayerReport(**row) for row in got_rows})
-            tensors.update(got)
+    with phase("share the solved layers"):  # one check-in for the whole exchange
+        for r in range(world_size()):
+            got_rows = broadcast_json([asdict(x) for x in rows] if r == me else None, r, what=f"rows of rank {r}")
+            got = broadcast_tensors(state if r == me else None, r, device=target, what=f"factors of rank {r}")
+            if r != me:
+                restore_layers(model, got, got_rows)
+                by_name.update({row["name"]: LayerReport(**row) for row in got_rows})
+                tensors.update(got)
     order = {n: i for i, n in enumerate(names)}
     return [by_name[n] for n in names], dict(sorted(tensors.items(), key=lambda kv: order[_layer_of(kv[0])]))
 
@@ -204,9 +206,10 @@ def split_work(costs: Mapping[str, float], work: Callable[[str], dict[str, Tenso
     owner = dict(zip(names, balance([float(costs[n]) for n in names], world_size()), strict=True))
     mine = {n: work(n) for n in names if owner[n] == me}
     out: dict[str, dict[str, Tensor]] = {n: {} for n in names}
-    for r in range(world_size()):
-        flat = {f"{n}\t{k}": t for n, res in mine.items() for k, t in res.items()} if r == me else None
-        for key, t in broadcast_tensors(flat, r, device=device, what=f"{what}: results of rank {r}").items():
-            n, k = key.split("\t", 1)
-            out[n][k] = t
+    with phase(what):
+        for r in range(world_size()):
+            flat = {f"{n}\t{k}": t for n, res in mine.items() for k, t in res.items()} if r == me else None
+            for key, t in broadcast_tensors(flat, r, device=device, what=f"{what}: results of rank {r}").items():
+                n, k = key.split("\t", 1)
+                out[n][k] = t
     return out

@@ -12,7 +12,20 @@ import torch
 
 import coala
 from _compress_models import batches
-from _distributed import build_case, compress_worker, rows_of_rank, spawn, stats_worker
+from _distributed import (
+    build_case,
+    compare_lora_worker,
+    compress_worker,
+    errors_worker,
+    failure_worker,
+    lora_config,
+    lora_products,
+    resume_worker,
+    rows_of_rank,
+    run_compare,
+    spawn,
+    stats_worker,
+)
 from coala.compress import compress
 from coala.config import CompressConfig, RuntimeConfig
 from coala.lowrank import low_rank_layers
@@ -72,3 +85,67 @@ def test_two_ranks_save_the_one_process_model(kind, tmp_path):
         for row, mine in zip(report.to_dict()["layers"], ranks[0], strict=True):  # ... that of one process
             assert row["name"] == mine["name"] and row["rank"] == mine["rank"]
             assert mine["rel_error"] == pytest.approx(row["rel_error"], rel=1e-4)
+
+
+def test_bad_input_is_named_and_a_rank_that_leaves_is_named_after_the_timeout(tmp_path):
+    spawn(errors_worker, 2, str(tmp_path), timeout_s=3.0)
+    res = [json.loads((tmp_path / f"errors-{r}.json").read_text()) for r in range(2)]
+    for r in res:  # both ranks raise the same error, naming rank 1 and what differs
+        assert r["settings"]["type"] == "DistributedError" and r["settings"]["ranks"] == [1]
+        assert "rank 1 differs from rank 0 in settings" in r["settings"]["message"]
+        assert r["model"]["ranks"] == [1] and "differs from rank 0 in weights" in r["model"]["message"]
+        assert r["samples"]["argument"] == "nsamples"
+        assert "fewer calibration samples (1) than ranks (2)" in r["samples"]["message"]
+    exit_ = res[0]["exit"]
+    assert exit_["type"] == "DistributedError" and exit_["ranks"] == [1]
+    assert "timed out after 3 s" in exit_["message"] and "rank 1 (last at:" in exit_["message"]
+    assert 2.5 < res[0]["exit_s"] < 30
+
+
+def test_a_failing_rank_is_named_at_once(tmp_path):
+    spawn(failure_worker, 2, str(tmp_path), timeout_s=120.0)
+    zero, one = (json.loads((tmp_path / f"failure-{r}.json").read_text()) for r in range(2))
+    assert one["type"] == "CoalaError" and "nan" in one["message"].lower()
+    assert zero["type"] == "DistributedError" and zero["ranks"] == [1]
+    assert zero["message"].startswith("rank 1 failed: CoalaError:") and zero["seconds"] < 60  # not the timeout
+
+
+@pytest.mark.slow
+def test_a_distributed_run_resumes_to_the_one_process_model(tmp_path):
+    spawn(resume_worker, 2, str(tmp_path), "interrupt")
+    stopped = [json.loads((tmp_path / f"interrupt-{r}.json").read_text()) for r in range(2)]
+    assert all(s["type"] == "SimulatedInterruption" for s in stopped)
+    assert "block-00000.json" in stopped[0]["partial"] and not (tmp_path / "model").exists()
+    spawn(resume_worker, 2, str(tmp_path), "resume")
+    resumed = [json.loads((tmp_path / f"resume-{r}.json").read_text()) for r in range(2)]
+    assert [r["resumed"] for r in resumed] == [1, 1]
+    assert not (tmp_path / "model.partial").exists()  # rank 0 cleared the checkpoint (and the hidden folders)
+    one = build_case("llama")
+    compress(one, batches(n=3), CompressConfig(ratio=0.4, stats_dtype="float64"), runtime=RuntimeConfig(progress=False))
+    _assert_same_products(one, coala.load(tmp_path / "model"), 1e-5)
+
+
+@pytest.mark.slow
+def test_compare_and_lora_init_share_their_work_and_equal_one_process(tmp_path):
+    from peft import LoraConfig
+
+    from coala.adapters import init_lora
+    from coala.data import builtin_texts
+
+    text = tmp_path / "eval.txt"
+    text.write_text("\n\n".join(builtin_texts("test")[:2])[:6000])
+    spawn(compare_lora_worker, 2, str(tmp_path), str(text))
+    rows = [json.loads((tmp_path / f"compare-{r}.json").read_text()) for r in range(2)]
+    assert rows[0] == rows[1]
+    for mine, one in zip(rows[0], run_compare(str(text)), strict=True):
+        assert (mine["method"], mine["ratio"], mine["removed"]) == (one["method"], one["ratio"], one["removed"])
+        for key in one:
+            if key.startswith("ppl") or key == "weighted_err":
+                assert mine[key] == pytest.approx(one[key], rel=1e-5), (mine["method"], key)
+    got = [safetensors.torch.load_file(str(tmp_path / f"lora-{r}.safetensors")) for r in range(2)]
+    ref = lora_products(init_lora(build_case("llama"), batches(n=3), lora_config(LoraConfig),
+                                  stats_dtype=torch.float64, progress=False))
+    assert got[0].keys() == got[1].keys() == ref.keys() and len(ref) == 6
+    for name, product in ref.items():
+        assert torch.equal(got[0][name], got[1][name])
+        assert float((got[0][name] - product).norm() / product.norm()) < 1e-5, name

@@ -37,11 +37,11 @@ def launched_session(args: argparse.Namespace) -> Iterator[None]:
     device = distributed.init_from_env(device=getattr(args, "device", None))
     try:
         with distributed.failure_guard():
+            distributed.check_same(command_line(args), "the command line")
             if hasattr(args, "device") and device is not None and device.type == "cuda":
                 args.device = str(device)
             if distributed.rank() != 0 and hasattr(args, "progress"):
                 args.progress = False
-            distributed.check_same(command_line(args), "the command line")
             if distributed.is_main():
                 yield
             else:

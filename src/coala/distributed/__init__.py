@@ -27,6 +27,7 @@ from .session import (
     is_distributed,
     is_main,
     launched,
+    phase,
     publish_failure,
     rank,
     shutdown,
@@ -37,4 +38,5 @@ from .transport import broadcast_json, broadcast_tensors, check_same, gather_jso
 
 __all__ = ["DEFAULT_TIMEOUT_S", "TIMEOUT_ENV", "DistributedError", "all_reduce_", "barrier", "broadcast_json",
            "broadcast_tensors", "check_same", "device", "failure_guard", "gather_json", "init_from_env",
-           "is_distributed", "is_main", "launched", "publish_failure", "rank", "shutdown", "sync", "world_size"]
+           "is_distributed", "is_main", "launched", "phase", "publish_failure", "rank", "shutdown", "sync",
+           "world_size"]

@@ -13,7 +13,7 @@ from ..errors import CoalaError
 from ..linalg.qr_update import r_of_stacked
 from ..linalg.stats import AbsMeanAccumulator, ActivationStats, GramAccumulator
 from ..linalg.tsqr import RFactor
-from .session import DistributedError, collective, comm_device, global_rank, is_distributed, rank, world_size
+from .session import DistributedError, comm_device, global_rank, is_distributed, phase, rank, world_size
 from .transport import gather_json
 
 Stat = ActivationStats | RFactor | GramAccumulator | AbsMeanAccumulator
@@ -56,14 +56,14 @@ def all_reduce_(stats: Stat | Iterable[Stat], group=None, *, what: str = "statis
     for p in parts:  # pending rows folded in, overflow reported, before any rank enters a collective
         if isinstance(p, RFactor):
             _ = p.R
-    signatures = gather_json([_signature(p) for p in parts], what=f"{what}: layout", group=group)
-    for r, sig in enumerate(signatures):
-        if sig != signatures[0]:
-            raise DistributedError(f"rank {r} holds other statistics than rank 0 in '{what}' ({len(sig)} vs "
-                                   f"{len(signatures[0])} accumulators): the ranks run different models or "
-                                   "settings", ranks=[r], remote=True)
     dev = comm_device(group)
-    with collective(what, group):
+    with phase(what, group):  # one check-in for the whole reduction
+        signatures = gather_json([_signature(p) for p in parts], what=f"{what}: layout", group=group)
+        for r, sig in enumerate(signatures):
+            if sig != signatures[0]:
+                raise DistributedError(f"rank {r} holds other statistics than rank 0 in '{what}' ({len(sig)} vs "
+                                       f"{len(signatures[0])} accumulators): the ranks run different models or "
+                                       "settings", ranks=[r], shared=True)
         counts = torch.tensor([p.num_rows for p in parts], dtype=torch.int64, device=dev)
         dist.all_reduce(counts, group=group)
         for p, total in zip(parts, counts.tolist(), strict=True):

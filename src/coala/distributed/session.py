@@ -24,16 +24,17 @@ class DistributedError(CoalaError):
     """A distributed run cannot go on: ranks disagree, a rank failed, died or did not arrive in time. ``ranks``
     lists the ranks at fault (also named in the message)."""
 
-    def __init__(self, message: str, *, ranks: Iterable[int] = (), remote: bool = False, **kwargs) -> None:
+    def __init__(self, message: str, *, ranks: Iterable[int] = (), shared: bool = False, **kwargs) -> None:
         super().__init__(message, **kwargs)
         self.ranks = sorted(set(ranks))
-        self.remote = remote  # raised because of another rank (not re-published)
+        self.shared = shared  # every rank raises it alike, or it reports another rank's fault: not re-published
 
 
 class _Session:
     store = None  # the rendezvous store under a "coala/" prefix, None when unknown
     timeout_s = DEFAULT_TIMEOUT_S
     step = 0
+    depth = 0  # nesting of ``collective`` phases
     device: torch.device | None = None
     owned = False  # the process group was created here (shutdown destroys it)
 
@@ -157,13 +158,13 @@ def _raise_if_failed(store) -> None:
     for r in range(world_size()):
         msg = _get(store, f"error/{r}")
         if msg is not None and r != rank():
-            raise DistributedError(f"rank {r} failed: {msg}", ranks=[r], remote=True)
+            raise DistributedError(f"rank {r} failed: {msg}", ranks=[r], shared=True)
 
 
 def _lost_store(err: BaseException) -> DistributedError:
     host = "the torchrun agent" if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else "rank 0"
     return DistributedError(f"rank {rank()} lost the rendezvous store hosted by {host} ({short(err)}): "
-                            "that process died", ranks=[] if host != "rank 0" else [0], remote=True)
+                            "that process died", ranks=[] if host != "rank 0" else [0], shared=True)
 
 
 def short(err: BaseException) -> str:
@@ -172,7 +173,11 @@ def short(err: BaseException) -> str:
 
 def sync(what: str) -> None:
     """Wait until every rank has reached this point (named ``what`` in errors). Raises ``DistributedError``
-    naming a rank that published a failure, or the ranks that did not arrive within the timeout."""
+    naming a rank that published a failure, or the ranks that did not arrive within the timeout.
+
+    Through the store: each rank counts itself in; the last one sets the step's "done" key, which the others
+    wait for (woken at once). A failing rank sets the next step's key too (``publish_failure``), so that the
+    others wake and raise its error instead of waiting for the timeout."""
     store = _store() if is_distributed() else None
     if store is None:
         return
@@ -180,30 +185,36 @@ def sync(what: str) -> None:
     step, me, n = _S.step, rank(), world_size()
     try:
         store.set(f"at/{me}", f"{step}|{what}")
-        store.add(f"arrived/{step}", 1)
-        deadline, pause = time.monotonic() + _S.timeout_s, 0.0005
-        while int(store.add(f"arrived/{step}", 0)) < n:
-            _raise_if_failed(store)
-            if time.monotonic() > deadline:
-                late = []
-                for r in range(n):
-                    seen = _get(store, f"at/{r}")
-                    if seen is None or int(seen.split("|", 1)[0]) < step:
-                        late.append((r, "nothing yet" if seen is None else seen.split("|", 1)[1]))
-                names = ", ".join(f"rank {r} (last at: {where})" for r, where in late)
-                raise DistributedError(
-                    f"timed out after {_S.timeout_s:g} s waiting at '{what}' for {names}: it died or hangs "
-                    f"(raise the timeout with {TIMEOUT_ENV} if it is only slow)", ranks=[r for r, _ in late],
-                    remote=True)
-            time.sleep(pause)
-            pause = min(2 * pause, 0.05)
-        if me == 0 and step > 2:
+        if int(store.add(f"arrived/{step}", 1)) == n:
+            store.set(f"done/{step}", "1")
+        _raise_if_failed(store)
+        if not store.check([f"done/{step}"]):
+            try:
+                store.wait([f"done/{step}"], datetime.timedelta(seconds=_S.timeout_s))
+            except dist.DistStoreError:
+                _raise_if_failed(store)
+                raise _late(store, what, step) from None
+        _raise_if_failed(store)
+        if me == 0 and step > 2:  # every rank has passed step - 1: nobody reads step - 2's keys any more
             with contextlib.suppress(Exception):
                 store.delete_key(f"arrived/{step - 2}")
+                store.delete_key(f"done/{step - 2}")
     except DistributedError:
         raise
     except (RuntimeError, OSError) as err:
         raise _lost_store(err) from err
+
+
+def _late(store, what: str, step: int) -> DistributedError:
+    late = []
+    for r in range(world_size()):
+        seen = _get(store, f"at/{r}")
+        if seen is None or int(seen.split("|", 1)[0]) < step:
+            late.append((r, "nothing yet" if seen is None else seen.split("|", 1)[1]))
+    names = ", ".join(f"rank {r} (last at: {where})" for r, where in late)
+    return DistributedError(f"timed out after {_S.timeout_s:g} s waiting at '{what}' for {names}: it died or hangs "
+                            f"(raise the timeout with {TIMEOUT_ENV} if it is only slow)", ranks=[r for r, _ in late],
+                            shared=True)
 
 
 def barrier(what: str = "barrier") -> None:
@@ -214,12 +225,13 @@ def barrier(what: str = "barrier") -> None:
 def publish_failure(err: BaseException) -> None:
     """Tell the other ranks that this one failed (they raise a DistributedError naming it instead of waiting)."""
     store = _store() if is_distributed() else None
-    if store is None or (isinstance(err, DistributedError) and err.remote):
+    if store is None or (isinstance(err, DistributedError) and err.shared):
         return
     text = "interrupted" if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}: {short(err)}"
     with contextlib.suppress(Exception):
         store.set(f"error/{rank()}", text)
         store.add("failed", 1)
+        store.set(f"done/{_S.step + 1}", "1")  # wakes the ranks waiting at the check-in this rank will not reach
 
 
 @contextlib.contextmanager
@@ -233,23 +245,27 @@ def failure_guard() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def collective(what: str, group=None) -> Iterator[None]:
-    """Run collectives after a check-in (of the whole world; none for a sub-group); a collective that fails (a
-    peer died) becomes a DistributedError naming the ranks that did not answer a roll call."""
-    if group is None:
+def phase(what: str, group=None) -> Iterator[None]:
+    """A phase of collectives: one check-in first (of the whole world; none for a sub-group, none inside another
+    phase); a collective that fails (a peer died) becomes a DistributedError naming the ranks that did not
+    answer a roll call."""
+    if group is None and _S.depth == 0:
         sync(what)
+    _S.depth += 1
     try:
         yield
     except DistributedError:
         raise
     except RuntimeError as err:
         raise _roll_call(what, err) from err
+    finally:
+        _S.depth -= 1
 
 
 def _roll_call(what: str, err: BaseException) -> DistributedError:
     store = _store()
     if store is None:
-        return DistributedError(f"a collective failed during '{what}': {short(err)}", remote=True)
+        return DistributedError(f"a collective failed during '{what}': {short(err)}", shared=True)
     try:
         _raise_if_failed(store)
         key = f"alive/{_S.step}/"
@@ -266,7 +282,7 @@ def _roll_call(what: str, err: BaseException) -> DistributedError:
         return _lost_store(lost)
     names = ", ".join(f"rank {r}" for r in missing) or "no rank (all answered)"
     return DistributedError(f"a collective failed during '{what}' ({short(err)}); not answering: {names}",
-                            ranks=missing, remote=True)
+                            ranks=missing, shared=True)
 
 
 def comm_device(group=None) -> torch.device:

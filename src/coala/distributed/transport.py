@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .session import DistributedError, collective, comm_device, global_rank, is_distributed, rank, world_size
+from .session import DistributedError, comm_device, global_rank, is_distributed, phase, rank, world_size
 
 
 def _bytes_tensor(data: bytes, dev: torch.device) -> Tensor:
@@ -23,7 +23,7 @@ def broadcast_json(obj: Any, src: int = 0, *, what: str = "broadcast", group=Non
     if not is_distributed(group):
         return json.loads(json.dumps(obj))
     dev = comm_device(group)
-    with collective(what, group):
+    with phase(what, group):
         data = json.dumps(obj).encode() if rank(group) == src else b""
         size = torch.tensor([len(data)], dtype=torch.int64, device=dev)
         dist.broadcast(size, global_rank(group, src), group=group)
@@ -38,7 +38,7 @@ def gather_json(obj: Any, *, what: str = "gather", group=None) -> list[Any]:
         return [json.loads(json.dumps(obj))]
     dev, n = comm_device(group), world_size(group)
     data = json.dumps(obj).encode()
-    with collective(what, group):
+    with phase(what, group):
         sizes = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(n)]
         dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64, device=dev), group=group)
         width = max(int(s) for s in sizes)
@@ -63,7 +63,7 @@ def broadcast_tensors(tensors: Mapping[str, Tensor] | None, src: int = 0, *, dev
     if total == 0:
         return dict(tensors) if mine else {k: torch.empty(shape, dtype=getattr(torch, d)) for k, d, shape, _ in header}
     dev = comm_device(group)
-    with collective(what, group):
+    with phase(what, group):
         if mine:
             flat = torch.cat([t.detach().to(dev).contiguous().reshape(-1).view(torch.uint8) for t in tensors.values()])
         else:
@@ -98,5 +98,5 @@ def check_same(payload: Mapping[str, Any], what: str, *, group=None) -> None:
     if bad:
         detail = "; ".join(f"rank {r} differs from rank 0 in {', '.join(keys)}" for r, keys in bad.items())
         raise DistributedError(f"the ranks disagree on {what}: {detail}. Every rank must load the same model "
-                               "and run the same command", ranks=bad, remote=True)
+                               "and run the same command", ranks=bad, shared=True)
 
