@@ -23,8 +23,7 @@ from tqdm.auto import tqdm
 from .allocate import achieved, allocation_names
 from .compress import collect_statistics, decompose_layers
 from .config import CalibrationConfig, CompressConfig, RuntimeConfig, csv_floats, csv_names, option
-from .distributed import gather_json, is_main, rank, world_size
-from .distributed_run import balance
+from .distributed import balance, gather_json, is_main, rank, world_size
 from .layer_solve import solve_layers
 from .linalg.dtypes import ACCUMULATION_DTYPES
 from .linalg.methods import get_method

@@ -20,6 +20,7 @@ from .compress_report import LayerReport
 from .config import CompressConfig, OutputConfig, RuntimeConfig
 from .distributed import (
     DistributedError,
+    balance,
     broadcast_json,
     broadcast_tensors,
     check_same,
@@ -36,18 +37,6 @@ from .lowrank import dense_weight, linear_shape, model_device
 from .resume import fingerprint, prepare_output
 
 T = TypeVar("T")
-
-
-def balance(costs: Sequence[float], ranks: int) -> list[int]:
-    """The rank of each item: largest cost first, each to the least loaded rank (lowest rank on ties) — the
-    greedy LPT schedule, the same on every rank. With at least as many items as ranks, every rank gets one."""
-    loads = [0.0] * ranks
-    owner = [0] * len(costs)
-    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        r = min(range(ranks), key=lambda r: (loads[r], r))
-        owner[i] = r
-        loads[r] += costs[i]
-    return owner
 
 
 def _rows(batch: dict[str, Tensor]) -> list[dict[str, Tensor]]:

@@ -164,7 +164,9 @@ class BlockWalker:
         if missing:
             raise ValueError(f"layer {missing[0]} received no input during the calibration forward passes")
         if is_distributed():  # each rank saw its shard of the batches: reduce to the statistics of all of them
+            t0 = time.perf_counter()
             all_reduce_([cap.stats[k] for k in sorted(cap.stats)], what=f"statistics of {self.block_name(i)}")
+            self.times["forward"] += time.perf_counter() - t0  # part of the calibration time
         return cap
 
     def _replay(self, i: int, checkpoint: BlockCheckpoint, restore, propagate: str, forward: bool) -> Any:

@@ -15,7 +15,7 @@ others raise one naming it instead of waiting; a rank that dies inside a collect
 Precision: R and Gram travel and merge in their accumulation dtype (float32 / float64), Σ |x| in float64.
 """
 
-from .reduce import all_reduce_
+from .reduce import all_reduce_, balance
 from .session import (
     DEFAULT_TIMEOUT_S,
     TIMEOUT_ENV,
@@ -36,7 +36,7 @@ from .session import (
 )
 from .transport import broadcast_json, broadcast_tensors, check_same, gather_json
 
-__all__ = ["DEFAULT_TIMEOUT_S", "TIMEOUT_ENV", "DistributedError", "all_reduce_", "barrier", "broadcast_json",
-           "broadcast_tensors", "check_same", "device", "failure_guard", "gather_json", "init_from_env",
-           "is_distributed", "is_main", "launched", "phase", "publish_failure", "rank", "shutdown", "sync",
-           "world_size"]
+__all__ = ["DEFAULT_TIMEOUT_S", "TIMEOUT_ENV", "DistributedError", "all_reduce_", "balance", "barrier",
+           "broadcast_json", "broadcast_tensors", "check_same", "device", "failure_guard", "gather_json",
+           "init_from_env", "is_distributed", "is_main", "launched", "phase", "publish_failure", "rank", "shutdown",
+           "sync", "world_size"]

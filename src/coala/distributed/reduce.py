@@ -3,7 +3,7 @@ Gram matrices and Σ |x| by ``all_reduce`` in their accumulation dtypes, row cou
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -45,8 +45,9 @@ def all_reduce_(stats: Stat | Iterable[Stat], group=None, *, what: str = "statis
     """In place, on every rank: each statistic becomes that of the rows of all ranks (in one process: nothing).
 
     ``stats``: one ``ActivationStats`` / ``RFactor`` / ``GramAccumulator`` / ``AbsMeanAccumulator`` or a sequence
-    of them, in the same order on every rank (a mismatch is a DistributedError). R factors merge up a binomial
-    TSQR tree (R ← R([R_a; R_b]), never a Gram matrix; rank 0's result is broadcast, so every rank holds the same
+    of them, in the same order on every rank (a mismatch is a DistributedError). R factors merge up binomial
+    TSQR trees (R ← R([R_a; R_b]), never a Gram matrix; the trees of several factors have different roots, so
+    their merges run on different ranks at once; each root broadcasts its result, so every rank holds the same
     bits), Gram matrices and Σ |x| are summed by ``all_reduce``, row counts as int64. Returns ``stats``.
     """
     items = [stats] if isinstance(stats, _KINDS) else list(stats)
@@ -66,11 +67,12 @@ def all_reduce_(stats: Stat | Iterable[Stat], group=None, *, what: str = "statis
                                        "settings", ranks=[r], shared=True)
         counts = torch.tensor([p.num_rows for p in parts], dtype=torch.int64, device=dev)
         dist.all_reduce(counts, group=group)
+        factors = [p for p in parts if isinstance(p, RFactor)]
+        merged = _tree_reduce([f.R.to(dev, copy=True) for f in factors], group)
+        for f, R in zip(factors, merged, strict=True):
+            f.load_state_dict({"R": R, "num_rows": f.num_rows, "in_features": f.in_features})
         for p, total in zip(parts, counts.tolist(), strict=True):
-            if isinstance(p, RFactor):
-                merged = _tree_reduce_r(p.R.to(dev, copy=True), group)
-                p.load_state_dict({"R": merged, "num_rows": total, "in_features": p.in_features})
-            elif isinstance(p, GramAccumulator):
+            if isinstance(p, GramAccumulator):
                 G = p.G.to(dev, copy=True)
                 dist.all_reduce(G, group=group)
                 p.G = G.to(p.G.device)
@@ -82,18 +84,49 @@ def all_reduce_(stats: Stat | Iterable[Stat], group=None, *, what: str = "statis
     return stats
 
 
-def _tree_reduce_r(R: Tensor, group=None) -> Tensor:
-    """The merged R of every rank's R (binomial tree to rank 0, then broadcast): round k, rank i receives from
-    i + 2ᵏ when i is a multiple of 2ᵏ⁺¹, else sends to i − 2ᵏ and stops."""
-    me, n, step = rank(group), world_size(group), 1
+def balance(costs: Sequence[float], ranks: int) -> list[int]:
+    """The rank of each item: largest cost first, each to the least loaded rank (lowest rank on ties) — the
+    greedy LPT schedule, the same on every rank. With at least as many items as ranks, every rank gets one."""
+    loads = [0.0] * ranks
+    owner = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = min(range(ranks), key=lambda r: (loads[r], r))
+        owner[i] = r
+        loads[r] += costs[i]
+    return owner
+
+
+def _tree_reduce(Rs: list[Tensor], group=None) -> list[Tensor]:
+    """The merged R of every rank's factor, for each factor of ``Rs`` (the same list on every rank).
+
+    Each factor has its own root (``balance`` by n³: the merges of different factors run on different ranks at
+    once) and its own binomial tree: in round k, the rank at distance d from the root (d = (rank − root) mod N)
+    sends to d − 2ᵏ and stops when bit k of d is set, else receives from d + 2ᵏ (when there is one) and merges
+    R ← R([R; R_other]). A round's sends and receives go out together (``batch_isend_irecv``: no ordering
+    deadlock, NCCL included). Finally each root broadcasts its result: every rank holds the same bits. A rank
+    holds at most its own factors and one received factor per factor it merges."""
+    n, me = world_size(group), rank(group)
+    roots = balance([float(R.shape[0]) ** 3 for R in Rs], n)
+    out, active, step = list(Rs), [True] * len(Rs), 1
     while step < n:
-        if me & step:
-            dist.send(R, global_rank(group, me - step), group=group)
-            break
-        if me + step < n:
-            other = torch.empty_like(R)
-            dist.recv(other, global_rank(group, me + step), group=group)
-            R = r_of_stacked(R, other)
+        ops, received = [], []
+        for i, R in enumerate(out):
+            d = (me - roots[i]) % n
+            if not active[i]:
+                continue
+            if d & step:
+                ops.append(dist.P2POp(dist.isend, R, global_rank(group, (roots[i] + d - step) % n), group, tag=i))
+                active[i] = False
+            elif d + step < n:
+                buf = torch.empty_like(R)
+                ops.append(dist.P2POp(dist.irecv, buf, global_rank(group, (roots[i] + d + step) % n), group, tag=i))
+                received.append((i, buf))
+        if ops:
+            for req in dist.batch_isend_irecv(ops):
+                req.wait()
+        for i, buf in received:
+            out[i] = r_of_stacked(out[i], buf)
         step <<= 1
-    dist.broadcast(R, global_rank(group, 0), group=group)
-    return R
+    for i, R in enumerate(out):
+        dist.broadcast(R, global_rank(group, roots[i]), group=group)
+    return out
