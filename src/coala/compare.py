@@ -196,7 +196,8 @@ def compare(model: nn.Module, tokenizer, config: CompareConfig | None = None, *,
             del candidate
             bar.update(1)
     bar.close()
-    shared = gather_json({"rows": local, "times": times}, what="compare: results")  # one process: [ours]
+    mine_all = {"rows": local, "times": times}
+    shared = gather_json(mine_all, what="compare: results") if world_size() > 1 else [mine_all]
     found = {item: rows for part in shared for item, rows in part["rows"].items()}
     rows = [row for item in items for row in found[item]]
     for key in ("solve_s", "eval_s"):  # summed over the ranks (work done), not wall time
