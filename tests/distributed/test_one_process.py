@@ -50,3 +50,14 @@ def test_a_bad_timeout_is_named(monkeypatch):
     with pytest.raises(coala.CoalaError, match="must be > 0"):
         distributed.init_from_env(timeout=0)
     assert issubclass(distributed.DistributedError, coala.CoalaError)
+
+
+def test_commands_that_do_not_run_distributed_refuse_torchrun(monkeypatch, capsys, tmp_path):
+    from coala.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; refused before any process group is joined
+    monkeypatch.setenv("RANK", "1")
+    assert main(["export", str(tmp_path), "--dense", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "coala export [rank 1]: error: coala export does not run distributed (only compress, compare" in err
+    assert not (tmp_path / "out").exists()

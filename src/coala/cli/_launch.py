@@ -1,7 +1,8 @@
-"""torchrun support for every command (docs/design.md §11): ``torchrun --nproc-per-node N -m coala CMD ...``
-joins the process group (gloo on the CPU, NCCL on CUDA with device = cuda:LOCAL_RANK), checks that every rank
-runs the same command line, keeps ranks other than 0 quiet (no progress bars, no output; their errors are still
-printed, tagged with the rank) and leaves the group at the end. Without torchrun nothing happens."""
+"""torchrun support (docs/design.md §11): ``torchrun --nproc-per-node N -m coala CMD ...`` (CMD: compress, compare
+or lora-init; the other commands refuse torchrun) joins the process group (gloo on the CPU, NCCL on CUDA with
+device = cuda:LOCAL_RANK), checks that every rank runs the same command line, keeps ranks other than 0 quiet (no
+progress bars, no output; their errors are still printed, tagged with the rank) and leaves the group at the end.
+Without torchrun nothing happens."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import os
 from collections.abc import Iterator
 
 _RANK_SPECIFIC = {"device", "func", "interrupt_hint", "debug"}
+DISTRIBUTED_COMMANDS = ("compress", "compare", "lora-init")
 
 
 def rank_tag() -> str:
@@ -34,6 +36,11 @@ def launched_session(args: argparse.Namespace) -> Iterator[None]:
     if not distributed.launched():
         yield
         return
+    if args.command not in DISTRIBUTED_COMMANDS:
+        from coala.errors import CoalaError
+
+        raise CoalaError(f"coala {args.command} does not run distributed (only {', '.join(DISTRIBUTED_COMMANDS)} "
+                         "do): start it without torchrun", argument="torchrun")
     device = distributed.init_from_env(device=getattr(args, "device", None))
     try:
         with distributed.failure_guard():

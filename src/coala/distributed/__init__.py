@@ -18,6 +18,7 @@ Precision: R and Gram travel and merge in their accumulation dtype (float32 / fl
 from .reduce import all_reduce_, balance
 from .session import (
     DEFAULT_TIMEOUT_S,
+    ON_CHECK_IN,
     TIMEOUT_ENV,
     DistributedError,
     barrier,
@@ -36,7 +37,7 @@ from .session import (
 )
 from .transport import broadcast_json, broadcast_tensors, check_same, gather_json
 
-__all__ = ["DEFAULT_TIMEOUT_S", "TIMEOUT_ENV", "DistributedError", "all_reduce_", "balance", "barrier",
+__all__ = ["DEFAULT_TIMEOUT_S", "ON_CHECK_IN", "TIMEOUT_ENV", "DistributedError", "all_reduce_", "balance", "barrier",
            "broadcast_json", "broadcast_tensors", "check_same", "device", "failure_guard", "gather_json",
            "init_from_env", "is_distributed", "is_main", "launched", "phase", "publish_failure", "rank", "shutdown",
            "sync", "world_size"]

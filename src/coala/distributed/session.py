@@ -8,7 +8,7 @@ import contextlib
 import datetime
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -18,6 +18,7 @@ from ..errors import CoalaError
 TIMEOUT_ENV = "COALA_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 1800.0
 ROLL_CALL_S = 10.0  # how long survivors wait for each other after a collective failed
+ON_CHECK_IN: list[Callable[[str], None]] = []  # called with ``what`` as a rank checks in (benchmarks time phases)
 
 
 class DistributedError(CoalaError):
@@ -181,6 +182,8 @@ def sync(what: str) -> None:
     store = _store() if is_distributed() else None
     if store is None:
         return
+    for hook in ON_CHECK_IN:
+        hook(what)
     _S.step += 1
     step, me, n = _S.step, rank(), world_size()
     try:
