@@ -17,13 +17,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, fn, world: int, port: int, timeout_s: float, args: tuple) -> None:
+def _entry(rank: int, fn, world: int, port: int, timeout_s: float | None, args: tuple) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), HF_HUB_OFFLINE="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
     torch.set_num_threads(1)
     from coala import distributed
 
-    distributed.init_from_env(device="cpu", timeout=timeout_s)
+    if timeout_s is not None:  # else coala.compress & co. join the group themselves (ensure_joined)
+        distributed.init_from_env(device="cpu", timeout=timeout_s)
     try:
         fn(rank, *args)
     finally:
@@ -34,8 +35,9 @@ PRELOAD = ["torch", "transformers", "coala", "coala.distributed_run", "coala.com
            "_distributed"]
 
 
-def spawn(fn, world: int, *args, timeout_s: float = 60.0) -> None:
-    """``fn(rank, *args)`` on ``world`` fresh processes (``fn`` must be importable: a module-level function).
+def spawn(fn, world: int, *args, timeout_s: float | None = 60.0) -> None:
+    """``fn(rank, *args)`` on ``world`` fresh processes (``fn`` must be importable: a module-level function), each
+    joined to the process group with ``timeout_s`` (None: not joined by the harness).
 
     Started by a fork server that imported torch, transformers and coala once (a clean process that ran no
     computation, so forking it is safe): a process then starts in well under a second instead of re-importing
@@ -170,7 +172,8 @@ def errors_worker(rank: int, out: str) -> None:
 
 
 def failure_worker(rank: int, out: str) -> None:
-    """Rank 1's model has a NaN weight: it fails in its preflight, rank 0 must hear of it, not wait."""
+    """Rank 1's model has a NaN weight: it fails in its preflight, rank 0 must hear of it, not wait. Nobody called
+    init_from_env: ``compress`` joins torchrun's group itself."""
     import time
 
     from _compress_models import batches
@@ -183,7 +186,10 @@ def failure_worker(rank: int, out: str) -> None:
             model.model.layers[0].self_attn.q_proj.weight[1, 2] = float("nan")
     t0 = time.monotonic()
     res = error_text(lambda: compress(model, batches(n=2), runtime=RuntimeConfig(**QUIET)))
-    save_json(f"{out}/failure-{rank}.json", {**res, "seconds": time.monotonic() - t0})
+    from coala import distributed
+
+    save_json(f"{out}/failure-{rank}.json", {**res, "seconds": time.monotonic() - t0,
+                                             "joined": distributed.world_size()})
 
 
 def resume_worker(rank: int, out: str, phase: str) -> None:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .blocks import normalize_batches
 from .compress_report import CompressionReport, LayerReport, peak_memory
 from .config import CalibrationConfig, CompressConfig, OutputConfig, RuntimeConfig
-from .distributed import failure_guard, sync
+from .distributed import ensure_joined, failure_guard, sync
 from .distributed_run import distribute, on_main, prepare_run, share_plan, solve_layers_split
 from .errors import CoalaTypeError
 from .layer_solve import decompose_layer, restore_layers, solve_layers
@@ -107,6 +107,7 @@ def compress(model: nn.Module, calibration="builtin", config: CompressConfig | N
     config, data = _check(config, CompressConfig, "config"), _check(data, CalibrationConfig, "data")
     runtime, output = _check(runtime, RuntimeConfig, "runtime"), _check(output, OutputConfig, "output")
     t_start = time.perf_counter()
+    ensure_joined(runtime.device or model_device(model))  # started by torchrun: join its process group
     check_model(model, config.targets)
     ckpt = prepare_run(output)
     batches, description = calibration_set(model, calibration, data, tokenizer)
@@ -198,6 +199,7 @@ def collect_statistics(model: nn.Module, calibration="builtin", config: Compress
     """
     config, data = _check(config, CompressConfig, "config"), _check(data, CalibrationConfig, "data")
     runtime = _check(runtime, RuntimeConfig, "runtime")
+    ensure_joined(runtime.device or model_device(model))
     check_model(model, config.targets)
     batches, description = calibration_set(model, calibration, data, tokenizer)
     batches, runtime = distribute(model, batches, description, (config, data), runtime)  # this rank's batches

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ..capture import InputCapture
 from ..data import calibration_batches
-from ..distributed import all_reduce_, is_distributed, is_main
+from ..distributed import all_reduce_, ensure_joined, is_distributed, is_main
 from ..distributed_run import shard_batches
 from ..lowrank import model_device
 
@@ -85,6 +85,7 @@ def collect_input_factors(
     was_training = model.training
     model.eval()
     device = model_device(model)
+    ensure_joined(device)  # started by torchrun: join its process group
     if is_distributed():  # each rank streams its share of the batches; the factors are reduced below
         calibration = shard_batches(list(iter_batches(calibration, device)))
     n_batches = 0

@@ -1,11 +1,12 @@
 """Calibration on several processes with PyTorch's own engine, ``torch.distributed`` (docs/design.md §11).
 
 ``torchrun --nproc-per-node N -m coala compress MODEL`` (or any script started by torchrun that calls
-``init_from_env``) runs one process per rank: each rank streams its shard of the calibration batches through
-the blocks, and after each block's statistics pass the statistics are reduced exactly (``all_reduce_``): R
-factors by a binomial TSQR tree (log₂ N rounds; a rank holds at most two n × n factors), Gram matrices and
-Σ |x| by ``all_reduce`` in their accumulation dtypes, row counts as int64. One process (no torchrun) is not
-distributed and nothing here does anything.
+``coala.compress``, which joins the process group itself — ``init_from_env`` first to choose the device or the
+timeout) runs one process per rank: each rank streams its share of the calibration batches through the blocks,
+and after each block's statistics pass the statistics are reduced exactly (``all_reduce_``): R factors up
+binomial TSQR trees (⌈log₂ N⌉ rounds; besides its own factors a rank holds one received factor per merge), Gram
+matrices and Σ |x| by ``all_reduce`` in their accumulation dtypes, row counts as int64. One process (no torchrun)
+is not distributed and nothing here does anything.
 
 Failure handling. Every collective phase starts with ``sync(what)``, a check-in through the rendezvous store
 with a deadline (``init_from_env(timeout=)``, default ``COALA_DIST_TIMEOUT`` or 1800 s): a rank that never
@@ -23,6 +24,7 @@ from .session import (
     DistributedError,
     barrier,
     device,
+    ensure_joined,
     failure_guard,
     init_from_env,
     is_distributed,
@@ -37,7 +39,7 @@ from .session import (
 )
 from .transport import broadcast_json, broadcast_tensors, check_same, gather_json
 
-__all__ = ["DEFAULT_TIMEOUT_S", "ON_CHECK_IN", "TIMEOUT_ENV", "DistributedError", "all_reduce_", "balance", "barrier",
-           "broadcast_json", "broadcast_tensors", "check_same", "device", "failure_guard", "gather_json",
-           "init_from_env", "is_distributed", "is_main", "launched", "phase", "publish_failure", "rank", "shutdown",
-           "sync", "world_size"]
+__all__ = ["DEFAULT_TIMEOUT_S", "ON_CHECK_IN", "TIMEOUT_ENV", "DistributedError", "all_reduce_", "balance",
+           "barrier", "broadcast_json", "broadcast_tensors", "check_same", "device", "ensure_joined", "failure_guard",
+           "gather_json", "init_from_env", "is_distributed", "is_main", "launched", "phase", "publish_failure", "rank",
+           "shutdown", "sync", "world_size"]

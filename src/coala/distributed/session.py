@@ -123,6 +123,14 @@ def init_from_env(*, device: str | torch.device | None = None, backend: str | No
     return dev
 
 
+def ensure_joined(device: str | torch.device | None = None) -> None:
+    """Under torchrun, join the process group unless that was done (``init_from_env`` with this compute device,
+    which picks the backend); nothing otherwise. What ``coala.compress`` & co. call first, so that a script
+    started by torchrun needs no call of its own."""
+    if launched() and not (dist.is_available() and dist.is_initialized()):
+        init_from_env(device=device)
+
+
 def shutdown() -> None:
     """Leave the process group created by ``init_from_env`` (nothing for a group created elsewhere; also run at
     exit). Rank 0 first waits (at most a minute) until every rank has left: outside torchrun the rendezvous store
