@@ -99,10 +99,11 @@ def compress(model: nn.Module, calibration="builtin", config: CompressConfig | N
     atomically and durably; after a failure the in-memory ``model`` may hold the blocks finished so far, and
     their checkpoint lets ``output.resume`` go on (a damaged checkpoint block is recomputed).
 
-    Distributed (docs/design.md §11): in a process group (torchrun + ``coala.distributed.init_from_env``) every
-    rank calls ``compress`` with the same model and arguments; each calibrates on its share of the batches, the
-    statistics are reduced exactly, the solves are shared out, rank 0 writes the output and the checkpoints, and
-    every rank returns the same report and holds the same compressed model.
+    Distributed (docs/design.md §11): started by torchrun (the process group is joined here unless
+    ``coala.distributed.init_from_env`` did it), every rank calls ``compress`` with the same model and arguments;
+    each calibrates on its share of the batches, the statistics are reduced exactly, the solves are shared out,
+    rank 0 writes the output and the checkpoints, and every rank returns the same report and holds the same
+    compressed model.
     """
     config, data = _check(config, CompressConfig, "config"), _check(data, CalibrationConfig, "data")
     runtime, output = _check(runtime, RuntimeConfig, "runtime"), _check(output, OutputConfig, "output")

@@ -5,8 +5,8 @@ and is discovered automatically.
 Errors: a ``coala.CoalaError`` and the other errors of bad input (ValueError, TypeError, FileNotFoundError,
 KeyError, OSError) print one line ``coala CMD: error: ...`` and exit with status 2; anything else prints one line
 saying so and exits with 1; Ctrl-C prints one line (with the sub-command's ``interrupt_hint``) and exits with
-130. ``--debug`` (before or after the sub-command) also prints the traceback. Under torchrun every command runs
-distributed (``coala.cli._launch``); error lines then carry the rank.
+130. ``--debug`` (before or after the sub-command) also prints the traceback. Under torchrun, compress, compare
+and lora-init run distributed and the other commands refuse (``coala.cli._launch``); error lines carry the rank.
 """
 
 from __future__ import annotations
