@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
+from .capture import InputCapture
 from .checkpoint import BlockCheckpoint
 from .compress_report import LayerReport
 from .config import CompressConfig, OutputConfig, RuntimeConfig
@@ -26,6 +27,7 @@ from .distributed import (
     check_same,
     is_distributed,
     is_main,
+    merge_loads,
     phase,
     publish_failure,
     rank,
@@ -150,22 +152,34 @@ def _layer_of(key: str) -> str:
     return key.rsplit(".", 2)[0]  # "<layer>.down.weight" / "<layer>.up.weight" / "<layer>.up.bias"
 
 
+MERGE_COST = 1 / 6  # a TSQR merge of width n, in units of solve_cost: ≈ n³ / 6 (measured, see solve_cost)
+
+
+def solve_cost(m: int, n: int) -> float:
+    """Relative cost of solving an m × n matrix: its SVD (∝ m·n·min(m, n)) plus its products with the n × n R
+    (W Rᵀ and the reported error, ∝ m·n²; ≈ 1/3 of an SVD unit each, measured on one CPU thread with SmolLM2,
+    where a merge of two n × n triangles costs ≈ n³/6 of the same units)."""
+    return float(m * n * min(m, n)) + m * n * n / 3
+
+
 def solve_layers_split(model: nn.Module, layers: Mapping[str, nn.Module], source: StatsSource,
                        plan: Mapping[str, int | None], config: CompressConfig, *,
                        device: torch.device | str | None = None,
                        decompositions: Mapping[str, Decomposition] | None = None,
                        progress: bool = True) -> tuple[list[LayerReport], dict[str, Tensor]]:
     """``layer_solve.solve_layers`` with the matrices shared out between the ranks (largest first, to the least
-    loaded rank, by m·n·min(m, n)): each rank solves its own, then each broadcasts its report rows and new layers'
+    loaded rank, by ``solve_cost``, counting the TSQR merges each rank did in the walker's reduction of this block,
+    which fall in the same phase): each rank solves its own, then each broadcasts its report rows and new layers'
     tensors and the others swap those layers in. Every rank ends with the same model and returns the rows and
     tensors of all ``layers`` in their order, as one process would. One process: ``solve_layers``."""
     if not is_distributed():
         return solve_layers(model, layers, source, plan, config, device=device, decompositions=decompositions,
                             progress=progress)
     names = list(layers)
-    costs = [0.0 if plan[n] is None else float(m * k * min(m, k)) for n in names
-             for m, k in [linear_shape(layers[n])]]
-    owner = dict(zip(names, balance(costs, world_size()), strict=True))
+    costs = [0.0 if plan[n] is None else solve_cost(*linear_shape(layers[n])) for n in names]
+    merged = (merge_loads([source.stats[k] for k in sorted(source.stats)], world_size())
+              if isinstance(source, InputCapture) else [0.0] * world_size())  # the walker's merges, this phase
+    owner = dict(zip(names, balance(costs, world_size(), [MERGE_COST * x for x in merged]), strict=True))
     me = rank()
     mine = {n: layers[n] for n in names if owner[n] == me}
     rows, state = solve_layers(model, mine, source, plan, config, device=device, decompositions=decompositions,

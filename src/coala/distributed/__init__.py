@@ -16,7 +16,7 @@ others raise one naming it instead of waiting; a rank that dies inside a collect
 Precision: R and Gram travel and merge in their accumulation dtype (float32 / float64), Σ |x| in float64.
 """
 
-from .reduce import all_reduce_, balance
+from .reduce import all_reduce_, balance, merge_loads
 from .session import (
     DEFAULT_TIMEOUT_S,
     ON_CHECK_IN,
@@ -41,5 +41,5 @@ from .transport import broadcast_json, broadcast_tensors, check_same, gather_jso
 
 __all__ = ["DEFAULT_TIMEOUT_S", "ON_CHECK_IN", "TIMEOUT_ENV", "DistributedError", "all_reduce_", "balance",
            "barrier", "broadcast_json", "broadcast_tensors", "check_same", "device", "ensure_joined", "failure_guard",
-           "gather_json", "init_from_env", "is_distributed", "is_main", "launched", "phase", "publish_failure", "rank",
-           "shutdown", "sync", "world_size"]
+           "gather_json", "init_from_env", "is_distributed", "is_main", "launched", "merge_loads", "phase",
+           "publish_failure", "rank", "shutdown", "sync", "world_size"]

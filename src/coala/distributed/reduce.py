@@ -84,16 +84,31 @@ def all_reduce_(stats: Stat | Iterable[Stat], group=None, *, what: str = "statis
     return stats
 
 
-def balance(costs: Sequence[float], ranks: int) -> list[int]:
+def balance(costs: Sequence[float], ranks: int, loads: Sequence[float] | None = None) -> list[int]:
     """The rank of each item: largest cost first, each to the least loaded rank (lowest rank on ties) — the
-    greedy LPT schedule, the same on every rank. With at least as many items as ranks, every rank gets one."""
-    loads = [0.0] * ranks
+    greedy LPT schedule, the same on every rank. ``loads``: work the ranks already have (default none). With at
+    least as many items as ranks and no prior loads, every rank gets one."""
+    loads = [0.0] * ranks if loads is None else [float(x) for x in loads]
     owner = [0] * len(costs)
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
         r = min(range(ranks), key=lambda r: (loads[r], r))
         owner[i] = r
         loads[r] += costs[i]
     return owner
+
+
+def merge_roots(widths: Sequence[int], ranks: int) -> list[int]:
+    """The root of each R factor's tree (by width n, in the order reduced): ``balance`` by n³, the merge cost."""
+    return balance([float(n) ** 3 for n in widths], ranks)
+
+
+def merge_loads(stats: Iterable[Stat], ranks: int) -> list[float]:
+    """Σ n³ of the R factors each rank roots when ``all_reduce_(stats)`` runs (its merges in a 2-rank tree)."""
+    widths = [p.in_features for s in stats for p in _parts(s) if isinstance(p, RFactor)]
+    loads = [0.0] * ranks
+    for n, root in zip(widths, merge_roots(widths, ranks), strict=True):
+        loads[root] += float(n) ** 3
+    return loads
 
 
 def _tree_reduce(Rs: list[Tensor], group=None) -> list[Tensor]:
@@ -106,7 +121,7 @@ def _tree_reduce(Rs: list[Tensor], group=None) -> list[Tensor]:
     deadlock, NCCL included). Finally each root broadcasts its result: every rank holds the same bits. A rank
     holds at most its own factors and one received factor per factor it merges."""
     n, me = world_size(group), rank(group)
-    roots = balance([float(R.shape[0]) ** 3 for R in Rs], n)
+    roots = merge_roots([int(R.shape[0]) for R in Rs], n)
     out, active, step = list(Rs), [True] * len(Rs), 1
     while step < n:
         ops, received = [], []
