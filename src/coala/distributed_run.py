@@ -194,7 +194,9 @@ def solve_layers_split(model: nn.Module, layers: Mapping[str, nn.Module], source
             if r != me:
                 restore_layers(model, got, got_rows)
                 by_name.update({row["name"]: LayerReport(**row) for row in got_rows})
-                tensors.update(got)
+                del got  # copied into the new layers: keep their own tensors, as for the layers solved here
+                tensors.update({f"{row['name']}.{k}": v for row in got_rows if row["rank"] is not None
+                                for k, v in model.get_submodule(row["name"]).state_dict().items()})
     order = {n: i for i, n in enumerate(names)}
     return [by_name[n] for n in names], dict(sorted(tensors.items(), key=lambda kv: order[_layer_of(kv[0])]))
 
