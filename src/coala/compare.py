@@ -13,7 +13,7 @@ import math
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from .allocate import achieved, allocation_names, get_allocation
 from .compress import calibration_set, collect_statistics, decompose_layers
 from .config import CalibrationConfig, CompressConfig, RuntimeConfig, csv_floats, csv_names, option
+from .distributed import balance, gather_json, is_main, rank, world_size
 from .fisher import gradient_scales
 from .layer_solve import solve_layers
 from .linalg.dtypes import ACCUMULATION_DTYPES
@@ -166,9 +167,13 @@ def default_evals(model: nn.Module) -> list[str]:
 def compare(model: nn.Module, tokenizer, config: CompareConfig | None = None, *, calibration="builtin",
             data: CalibrationConfig | None = None, runtime: RuntimeConfig | None = None) -> CompareResult:
     """Every method × ratio from one calibration pass over ``model`` (left unchanged); rows hold the metrics,
-    the first row is the original model's."""
+    the first row is the original model's. In a distributed run the calibration pass is shared (each rank its
+    batches) and so are the methods (each rank decomposes and evaluates its own); every rank returns all rows,
+    with ``solve_s`` / ``eval_s`` summed over the ranks."""
     config = config or CompareConfig()
     runtime = runtime or RuntimeConfig()
+    if not is_main():
+        runtime = replace(runtime, progress=False)
     evals = list(config.evals or default_evals(model))
     t0 = time.perf_counter()
     base = config.compress_config(config.methods[0], config.ratios[0])
@@ -195,12 +200,21 @@ def compare(model: nn.Module, tokenizer, config: CompareConfig | None = None, *,
                                  progress=runtime.progress)
         times["allocation_s"] = time.perf_counter() - t
     windows: dict = {}  # perplexity windows, cut once for every model
-    t = time.perf_counter()
-    rows = [{"method": "original", "ratio": 0.0, "removed": 0.0, "weighted_err": 0.0,
-             **_evaluate(model, tokenizer, evals, config, references, windows)}]
-    times["eval_s"] += time.perf_counter() - t
-    bar = tqdm(total=len(config.methods) * len(config.ratios), desc="compare", disable=not runtime.progress)
-    for method in config.methods:
+    # the original row and each method's cells are work items, shared out between the ranks of a distributed run
+    items = ["original", *config.methods]
+    owners = balance([1.0] + [len(config.ratios) + 1.0] * len(config.methods), world_size())
+    mine = [item for item, owner in zip(items, owners, strict=True) if owner == rank()]
+    bar = tqdm(total=sum(len(config.ratios) for item in mine if item != "original"), desc="compare",
+               disable=not runtime.progress)
+    local: dict[str, list[dict]] = {}
+    for method in mine:
+        if method == "original":
+            t = time.perf_counter()
+            local[method] = [{"method": "original", "ratio": 0.0, "removed": 0.0, "weighted_err": 0.0,
+                              **_evaluate(model, tokenizer, evals, config, references, windows)}]
+            times["eval_s"] += time.perf_counter() - t
+            continue
+        local[method] = []
         t = time.perf_counter()
         decs = decompose_layers(model, stats, config.compress_config(method, config.ratios[0]), device=runtime.device,
                                 progress=runtime.progress)
@@ -220,11 +234,17 @@ def compare(model: nn.Module, tokenizer, config: CompareConfig | None = None, *,
             times["eval_s"] += time.perf_counter() - t
             removed = achieved({r.name: (r.out_features, r.in_features) for r in report_rows},
                                {r.name: r.rank for r in report_rows})["removed_fraction"]
-            rows.append({"method": method, "ratio": ratio, "removed": removed,
-                         "weighted_err": sum(errors) / len(errors) if errors else float("nan"), **metrics})
+            local[method].append({"method": method, "ratio": ratio, "removed": removed,
+                                  "weighted_err": sum(errors) / len(errors) if errors else float("nan"), **metrics})
             del candidate
             bar.update(1)
     bar.close()
+    mine_all = {"rows": local, "times": times}
+    shared = gather_json(mine_all, what="compare: results") if world_size() > 1 else [mine_all]
+    found = {item: rows for part in shared for item, rows in part["rows"].items()}
+    rows = [row for item in items for row in found[item]]
+    for key in ("solve_s", "eval_s"):  # summed over the ranks (work done), not wall time
+        times[key] = sum(part["times"][key] for part in shared)
     times["total_s"] = time.perf_counter() - t0
     metrics = [k for k in rows[0] if k not in ("method", "ratio", "removed", "weighted_err")]
     return CompareResult(rows, metrics, times, {m: metric_label(m, calibration) for m in metrics})

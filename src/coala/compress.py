@@ -25,6 +25,8 @@ from tqdm.auto import tqdm
 from .blocks import normalize_batches
 from .compress_report import CompressionReport, LayerReport, peak_memory
 from .config import CalibrationConfig, CompressConfig, OutputConfig, RuntimeConfig
+from .distributed import ensure_joined, failure_guard, sync
+from .distributed_run import distribute, on_main, prepare_run, share_plan, solve_layers_split
 from .errors import CoalaTypeError
 from .layer_solve import decompose_layer, restore_layers, solve_layers
 from .linalg.decomposition import Decomposition
@@ -34,7 +36,7 @@ from .lowrank import linear_shape, model_device
 from .models import origin_meta
 from .planning import plan_from_decompositions, plan_in_pass
 from .preflight import check_model
-from .resume import INTERRUPT_ENV, SimulatedInterruption, fingerprint, offload_dir, prepare_output
+from .resume import INTERRUPT_ENV, SimulatedInterruption, fingerprint, offload_dir
 from .walker import BlockStep, BlockWalker
 
 
@@ -77,6 +79,7 @@ def calibration_set(model: nn.Module, calibration, data: CalibrationConfig, toke
     return batches, {"source": "batches", "batches": len(batches), "tokens": tokens}
 
 
+@failure_guard()  # in a distributed run, the other ranks learn of an error here instead of waiting for this rank
 def compress(model: nn.Module, calibration="builtin", config: CompressConfig | None = None, *,
              data: CalibrationConfig | None = None, runtime: RuntimeConfig | None = None,
              output: OutputConfig | None = None, tokenizer=None) -> CompressionReport:
@@ -97,15 +100,23 @@ def compress(model: nn.Module, calibration="builtin", config: CompressConfig | N
     and before anything is written; NaN activations raise a ValueError naming the block. The output is written
     atomically and durably; after a failure the in-memory ``model`` may hold the blocks finished so far, and
     their checkpoint lets ``output.resume`` go on (a damaged checkpoint block is recomputed).
+
+    Distributed (docs/design.md §12): started by torchrun (the process group is joined here unless
+    ``coala.distributed.init_from_env`` did it), every rank calls ``compress`` with the same model and arguments;
+    each calibrates on its share of the batches, the statistics are reduced exactly, the solves are shared out,
+    rank 0 writes the output and the checkpoints, and every rank returns the same report and holds the same
+    compressed model.
     """
     config, data = _check(config, CompressConfig, "config"), _check(data, CalibrationConfig, "data")
     runtime, output = _check(runtime, RuntimeConfig, "runtime"), _check(output, OutputConfig, "output")
     t_start = time.perf_counter()
+    ensure_joined(runtime.device or model_device(model))  # started by torchrun: join its process group
     check_model(model, config.targets)
-    ckpt = prepare_output(output)
+    ckpt = prepare_run(output)
     batches, description = calibration_set(model, calibration, data, tokenizer)
+    shard, runtime = distribute(model, batches, description, (config, data), runtime)  # this rank's batches
     model.eval()
-    walker = BlockWalker(model, batches, targets=config.targets, device=runtime.device, progress=runtime.progress,
+    walker = BlockWalker(model, shard, targets=config.targets, device=runtime.device, progress=runtime.progress,
                          offload_dir=offload_dir(runtime.offload_hidden, ckpt))
     params_before = sum(p.numel() for p in model.parameters())
     done, started, plan = 0, False, None
@@ -117,12 +128,12 @@ def compress(model: nn.Module, calibration="builtin", config: CompressConfig | N
         t0 = time.perf_counter()
         forward0 = walker.times["forward"]
         if plan is None:
-            plan = plan_in_pass(walker, config, batches)
+            plan = share_plan(plan_in_pass(walker, config, batches))
         allocation_s = time.perf_counter() - t0 - (walker.times["forward"] - forward0)
         solve0 = walker.times["solve"]
 
         def solve(step: BlockStep) -> BlockResult:
-            rows, state = solve_layers(model, step.layers, step.capture, plan, config, progress=runtime.progress)
+            rows, state = solve_layers_split(model, step.layers, step.capture, plan, config, progress=runtime.progress)
             return BlockResult(state, {"layers": [asdict(r) for r in rows], "plan": plan})
 
         def restore(state: dict[str, Tensor], meta: dict) -> BlockResult:
@@ -141,8 +152,9 @@ def compress(model: nn.Module, calibration="builtin", config: CompressConfig | N
             calibration=description, resumed_blocks=done,
         )
         if output.out_dir:
-            _save(model, config, description, report, output, tokenizer)
-            ckpt.clear()
+            sync("every block finished")
+            on_main(lambda: (_save(model, config, description, report, output, tokenizer), ckpt.clear()),
+                    "write the output")
             report.output = str(output.out_dir)
     except BaseException:
         walker.close()
@@ -178,6 +190,7 @@ def _save(model: nn.Module, config: CompressConfig, description: dict, report: C
                     max_shard_size=output.max_shard_size, overwrite=output.overwrite)
 
 
+@failure_guard()
 def collect_statistics(model: nn.Module, calibration="builtin", config: CompressConfig | None = None, *,
                        methods: list[str] | None = None, data: CalibrationConfig | None = None,
                        runtime: RuntimeConfig | None = None, tokenizer=None) -> dict[str, ActivationStats]:
@@ -185,12 +198,15 @@ def collect_statistics(model: nn.Module, calibration="builtin", config: Compress
 
     Statistics kinds: the union of the needs of ``methods`` (default ``[config.method]``) plus R when
     ``config.error_stats``. Layers fed the same input map to the very same ``ActivationStats`` object.
-    Statistics are moved to the CPU after each block. The model is not modified.
+    Statistics are moved to the CPU after each block. The model is not modified. In a distributed run each rank
+    streams its shard of the batches and every rank returns the statistics of all of them (docs/design.md §12).
     """
     config, data = _check(config, CompressConfig, "config"), _check(data, CalibrationConfig, "data")
     runtime = _check(runtime, RuntimeConfig, "runtime")
+    ensure_joined(runtime.device or model_device(model))
     check_model(model, config.targets)
-    batches, _ = calibration_set(model, calibration, data, tokenizer)
+    batches, description = calibration_set(model, calibration, data, tokenizer)
+    batches, runtime = distribute(model, batches, description, (config, data), runtime)  # this rank's batches
     model.eval()
     walker = BlockWalker(model, batches, targets=config.targets, device=runtime.device, progress=runtime.progress,
                          offload_dir=offload_dir(runtime.offload_hidden, None))

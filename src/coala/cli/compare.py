@@ -34,6 +34,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from coala.compare import CompareConfig, compare, write_results
     from coala.config import CalibrationConfig, RuntimeConfig, from_arguments
+    from coala.distributed_run import on_main
     from coala.models import load_model
 
     set_threads(args.threads)
@@ -49,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     headers, body = result.table()
     print_table(headers, [[f"{v:.4g}" if isinstance(v, float) else v for v in row] for row in body])
     print("times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.times.items()))
-    for kind, path in write_results(result, Path(args.out)).items():
+    written = on_main(lambda: write_results(result, Path(args.out)), "write the results") or {}  # rank 0 writes
+    for kind, path in written.items():
         print(f"wrote {kind}: {path}")
     return 0

@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from ..adapters import init_lora, save_lora
     from ..adapters.registry import get_lora_init
     from ..data import calibration_batches
+    from ..distributed_run import check_agreement, on_main
     from ..models import load_model
 
     set_threads(args.threads)
@@ -85,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         mode="windows" if causal else "sentences", batch_size=args.batch_size,
         max_positions=getattr(model.config, "max_position_embeddings", None),
     )
+    check_agreement(model, calib.batches, calib.description, (), args.device)  # every rank the same (torchrun)
     batches = calib.batches if context else None
     probe = {k: v[:2, :64].to(args.device) for k, v in calib.batches[0].items()}  # checks identity at init
     with torch.no_grad():
@@ -97,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     meta = {"model": args.model or loaded.source, **({"gguf": loaded.gguf} if loaded.gguf else {}),
             "calibration": calib.description if context else None,
             "init_seconds": round(seconds, 3), "max_output_change_at_init": change}
-    save_lora(peft_model, out, tokenizer=tokenizer, meta=meta)
+    on_main(lambda: save_lora(peft_model, out, tokenizer=tokenizer, meta=meta), "save the adapters")  # rank 0
     n_layers = sum(1 for n, _ in peft_model.named_modules() if n.endswith(".lora_A"))
     print(f"{args.method}{'-' + (args.mode or 'ipm') if context else ''}: {n_layers} layers, rank {args.rank}, "
           f"{seconds:.1f} s; max |output change| at init {change:.3g} ({args.dtype})")
