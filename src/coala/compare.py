@@ -64,6 +64,8 @@ class CompareConfig:
                              choices=lambda: ["auto", *allocation_names()])
     stats_dtype: str = option("float32", "accumulation dtype of the statistics", choices=lambda: ACCUMULATION_DTYPES)
     ppl_seqlen: int = option(2048, "perplexity window length", parse=int)
+    eval_tokens: int | None = option(None, "perplexity on at most this many tokens of each text (the first whole "
+                                           "windows; default: all)", parse=int)
     limit: float | None = option(None, "lm-eval examples per task", parse=float)
     eval_batch_size: int = option(32, "sentences per batch for the fidelity evaluation", parse=int)
 
@@ -77,6 +79,8 @@ class CompareConfig:
         for r in self.ratios:
             if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 < r < 1.0:
                 raise ValueError(f"every ratio must be strictly between 0 and 1, got {r!r}")
+        if self.eval_tokens is not None and (isinstance(self.eval_tokens, bool) or self.eval_tokens < 1):
+            raise ValueError(f"eval_tokens must be a positive number of tokens, got {self.eval_tokens!r}")
         for spec in self.evals or ():
             if spec.partition(":")[0] not in ("ppl", "fidelity", "task"):
                 raise ValueError(f"unknown --eval item {spec!r}: use ppl:SOURCE, fidelity:SOURCE or task:NAME")
@@ -140,8 +144,11 @@ def _evaluate(model: nn.Module, tokenizer, evals: Sequence[str], config: Compare
         if kind == "ppl":
             seqlen = min(config.ppl_seqlen, getattr(model.config, "max_position_embeddings", config.ppl_seqlen))
             if (arg, seqlen) not in windows:
-                windows[arg, seqlen] = perplexity_windows(tokenizer, load_texts(arg or "builtin", "test"), seqlen,
-                                                          source=arg or "builtin")
+                cut = perplexity_windows(tokenizer, load_texts(arg or "builtin", "test"), seqlen,
+                                         source=arg or "builtin")
+                if config.eval_tokens is not None:
+                    cut = replace(cut, ids=cut.ids[: max(1, config.eval_tokens // seqlen)])
+                windows[arg, seqlen] = cut
             res = perplexity(model, tokenizer, windows[arg, seqlen], progress=False)
             out[f"ppl:{arg or 'builtin'}"] = res.ppl
         elif kind == "fidelity":

@@ -112,7 +112,8 @@ def test_default_is_the_offline_minilm(tmp_path, capsys, monkeypatch):
     out = tmp_path / "compressed-all-MiniLM-L6-v2"
     meta = json.loads((out / "coala.json").read_text())
     assert meta["method"] == "coala" and meta["calibration"]["source"] == "builtin"
-    assert meta["model_class"] == "BertModel" and len(meta["ranks"]) == 36
+    assert meta["model_class"] == "BertModel" and 0 < len(meta["ranks"]) <= 36  # fisher may keep some dense
+    assert meta["allocation"]["kind"] == "fisher"
     for name in ("modules.json", "sentence_bert_config.json", "1_Pooling/config.json", "modeling_coala.py"):
         assert (out / name).is_file(), name  # still a sentence-transformers model, loadable without coala
     assert "whole model" in capsys.readouterr().out
