@@ -198,7 +198,8 @@ def part_b(samples: list[int], grid: list[tuple[str, float, bool]], ratio: float
         for label, mu, adaptive in tqdm(grid, desc="mu", leave=False):
             m = copy.deepcopy(model)
             t0 = time.perf_counter()
-            report = compress(m, "builtin", CompressConfig(ratio=ratio, mu=mu, adaptive_mu=adaptive),
+            report = compress(m, "builtin", CompressConfig(ratio=ratio, mu=mu, adaptive_mu=adaptive,
+                                                           allocation="uniform"),  # μ alone varies
                               data=CalibrationConfig(nsamples=ns, seed=seed), runtime=RuntimeConfig(progress=False),
                               tokenizer=tok)
             eff = [r.mu for r in report.layers]

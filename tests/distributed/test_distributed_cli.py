@@ -36,7 +36,7 @@ def test_torchrun_compress_saves_the_one_process_model_and_rank_0_alone_reports(
     assert main(["compress", *SMALL, "--quiet", "--out", str(tmp_path / "one")]) == 0
     capsys.readouterr()
     one, two = low_rank_layers(coala.load(tmp_path / "one")), low_rank_layers(coala.load(tmp_path / "two"))
-    assert one.keys() == two.keys() and len(one) == 36
+    assert one.keys() == two.keys() and 0 < len(one) <= 36  # the Fisher allocation may keep some dense
     with torch.no_grad():  # MiniLM in float64: the two summation orders agree to ~1e-13
         for name in one:
             a = one[name].up.weight @ one[name].down.weight

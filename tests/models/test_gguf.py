@@ -94,7 +94,8 @@ def test_compress_two_blocks_of_smollm2_records_the_gguf(smollm2, tmp_path):
     with torch.no_grad():
         before = model.model(input_ids=ids).last_hidden_state
     out = tmp_path / "compressed"
-    report = compress(model, "builtin", CompressConfig(ratio=0.3), data=CalibrationConfig(nsamples=8, seqlen=64),
+    report = compress(model, "builtin", CompressConfig(ratio=0.3, allocation="uniform"),
+                      data=CalibrationConfig(nsamples=8, seqlen=64),
                       runtime=RuntimeConfig(progress=False), output=OutputConfig(str(out)), tokenizer=tok)
     assert len(report.layers) == 14 and all(r.rank is not None for r in report.layers)
     assert all(0 < r.rel_error < 1 for r in report.layers)

@@ -240,7 +240,7 @@ def test_minilm_20_percent_keeps_sentence_embeddings(minilm):
         assert report.removed_fraction >= 0.2
         return report, {s: embedding_fidelity(compressed, references[s], tok, t) for s, t in texts.items()}
 
-    report, uniform = fidelity()
+    report, uniform = fidelity(allocation="uniform")
     assert report.calibration["mode"] == "sentences" and report.allocation == "uniform"
     assert set(report.calibration) >= {"source", "nsamples", "seqlen", "seed", "tokens", "samples_per_part"}
     report, sensitive = fidelity(allocation="sensitivity", sensitivity_samples=32)
