@@ -90,6 +90,13 @@ def stats_worker(rank: int, out: str, n: int) -> None:
                       f"{key}.rows": torch.tensor([stats.num_rows, stats.r.num_rows, stats.gram.num_rows,
                                                    stats.absmean.num_rows, alone.num_rows])})
     safetensors.torch.save_file({k: v.contiguous() for k, v in saved.items()}, f"{out}/stats-{rank}.safetensors")
+    sub = torch.distributed.new_group([0, 2])  # a sub-group: ranks 0 and 2 reduce, rank 1 stays out
+    if rank != 1:
+        stats = ActivationStats(n, ("r", "gram"), dtype=torch.float64)
+        stats.update(X)
+        distributed.all_reduce_(stats, group=sub)
+        safetensors.torch.save_file({"R": stats.r.R, "G": stats.gram.G, "rows": torch.tensor([stats.num_rows])},
+                                    f"{out}/sub-{rank}.safetensors")
     # the transport helpers
     sent = {"a": torch.arange(6, dtype=torch.bfloat16).reshape(2, 3), "b": torch.ones(3, dtype=torch.int64) * 7,
             "c": torch.zeros(0)}

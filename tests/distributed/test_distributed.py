@@ -48,6 +48,12 @@ def test_all_reduce_gives_the_statistics_of_every_rows_rows(ref, tmp_path):
         assert float((got[0][f"{key}.G"].double() - G_ref).norm() / G_ref.norm()) < tol
         torch.testing.assert_close(got[0][f"{key}.absmean"], X.abs().mean(0), rtol=1e-12, atol=0)
         assert got[0][f"{key}.rows"].tolist() == [X.shape[0]] * 5
+    X02 = torch.cat([rows_of_rank(0, n), rows_of_rank(2, n)]).double()
+    for r in (0, 2):  # all_reduce_(stats, group=...) over a sub-group
+        sub = safetensors.torch.load_file(str(tmp_path / f"sub-{r}.safetensors"))
+        assert float((sub["R"] - ref.r_factor(X02)).norm() / ref.r_factor(X02).norm()) < 1e-13
+        torch.testing.assert_close(sub["G"], X02.T @ X02)
+        assert int(sub["rows"]) == X02.shape[0]
     transport = [json.loads((tmp_path / f"transport-{r}.json").read_text()) for r in range(world)]
     for t in transport:
         assert t["tensors"] and t["json"] == {"x": [1, 2.5, None]} and t["gather"] == [0, 10, 20]
