@@ -145,14 +145,15 @@ def capture_linear_inputs(
 
 def minilm_inputs(block: int = 0, max_tokens: int = 8192, *, progress: bool = True) -> dict[str, CapturedInput]:
     """Inputs of MiniLM block ``block``'s query projection (384 → 384) and FFN output dense layer (1536 → 384),
-    on ``coala.data.builtin_sentences("train")`` in order, until ``max_tokens`` real tokens were seen."""
-    from coala.data import builtin_sentences
+    on the paragraphs of 40–400 characters of Python's documentation (the built-in text ``docs``, train split) in
+    order, until ``max_tokens`` real tokens were seen."""
+    from coala.corpus import docs_texts, snippets
 
     model, tokenizer = load_minilm()
     n_blocks = len(model.encoder.layer)
     if not 0 <= block < n_blocks:
         raise ValueError(f"block must be in [0, {n_blocks - 1}] for all-MiniLM-L6-v2, got {block}")
     return capture_linear_inputs(
-        model, tokenizer, minilm_layer_names(block), builtin_sentences("train"), max_tokens=max_tokens,
-        progress=progress,
+        model, tokenizer, minilm_layer_names(block), snippets(docs_texts("train"), split_long=False),
+        max_tokens=max_tokens, progress=progress,
     )

@@ -1,10 +1,10 @@
 """Part 2 of ``benchmarks/lora.py``: a short real LoRA fine-tune of the pretrained MiniLM (all-MiniLM-L6-v2) from
-each initialisation, on the built-in corpus, with a plain training loop.
+each initialisation, on Python's documentation (the built-in text ``docs``), with a plain training loop.
 
-Task: adjacent-paragraph retrieval on ``builtin_texts("train")`` — each paragraph's embedding (mean pooled,
+Task: adjacent-paragraph retrieval on ``docs_texts("train")`` — each paragraph's embedding (mean pooled,
 normalised, as sentence-transformers does) must pick the next paragraph of the same document among the batch
 (symmetric InfoNCE, temperature 0.05). 10 % of the pairs are held out for evaluation (loss, top-1 accuracy).
-"Knowledge": the held-out pydoc pages (``builtin_sentences("test")``), never trained on, split in two: one half
+"Knowledge": the held-out pydoc pages (their paragraphs of 40–400 characters), never trained on, split in two: one half
 is the KPM calibration context (what to preserve), the other half measures drift: mean (1 − cos) between
 fine-tuned and original sentence embeddings, and the relative change of token states ‖H − H₀‖/‖H₀‖.
 IPM inits are calibrated on task text. All methods see the same batches in the same order (fixed seeds).
@@ -26,15 +26,15 @@ from tqdm.auto import tqdm
 
 from coala.adapters import init_lora, text_batches
 from coala.adapters.peft_bridge import lora_layers
-from coala.data import builtin_sentences, builtin_texts
+from coala.corpus import docs_texts, snippets
 
 TEMPERATURE = 0.05
 
 
 def paragraph_pairs(min_chars: int = 40, max_chars: int = 400) -> list[tuple[str, str]]:
-    """Consecutive paragraphs of the same document of the built-in train split."""
+    """Consecutive paragraphs of the same document of the docs train split."""
     pairs = []
-    for doc in builtin_texts("train"):
+    for doc in docs_texts("train"):
         paras = [" ".join(p.split()) for p in doc.split("\n\n")]
         paras = [p for p in paras if min_chars <= len(p) <= max_chars]
         pairs += list(itertools.pairwise(paras))
@@ -57,7 +57,7 @@ def make_data(n_calib: int, n_knowledge: int, seed: int = 0) -> Data:
     pairs = paragraph_pairs()
     random.Random(seed).shuffle(pairs)
     n_hold = max(32, len(pairs) // 10)
-    knowledge = builtin_sentences("test")
+    knowledge = snippets(docs_texts("test"), split_long=False)
     return Data(
         train=pairs[n_hold:],
         held_out=pairs[:n_hold],

@@ -17,7 +17,10 @@ Sections (each guarded: a failure prints ``SECTION: FAILED <error>`` and the nex
    ≤ 1e-3 and perplexity within 1 % of the reference's; bfloat16 perplexity within 10 %.
 4. stream: ``coala.RFactor.update`` vs a Gram accumulation ``G.addmm_(x.T, x)`` of the same rows (in = 1024 and
    4096, float32, median of 3 after a warm-up), RᵀR vs G, and one COALA solve of a 4096 × 4096 W.
-5. total wall time. Every line also goes to OUT/gpu_check.md (a table) and OUT/gpu_check.json, rewritten after
+5. nccl (only with 2 GPUs or more): two NCCL processes (``coala.distributed``) each stream their rows into an
+   R factor on their GPU and reduce them (``all_reduce_``: TSQR tree + broadcast); PASS: RᵀR of the result against
+   the float64 XᵀX of all rows within 1e-4.
+6. total wall time. Every line also goes to OUT/gpu_check.md (a table) and OUT/gpu_check.json, rewritten after
    each line. Exit code 0 when every check passed and no section failed, else 1.
 
     python benchmarks/gpu_check.py --out OUT [--device cuda|cpu] [--quick]
@@ -376,6 +379,50 @@ def section_stream(log: Log, args) -> None:
         raise FloatingPointError("the COALA factors are not finite")
 
 
+def _nccl_rank(rank: int, port: int, out: str) -> None:
+    """One of two NCCL ranks: stream this rank's rows into an RFactor on cuda:rank, reduce (coala.distributed)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    from coala import distributed
+    from coala.linalg import RFactor
+
+    dev = distributed.init_from_env(device="cuda", timeout=120)
+    f = RFactor(1024, device=dev)
+    f.update(_nccl_rows(rank).to(dev))
+    distributed.all_reduce_(f)
+    if rank == 0:
+        X = torch.cat([_nccl_rows(0), _nccl_rows(1)]).double()
+        G, R = X.T @ X, f.R.double().cpu()
+        Path(out).write_text(json.dumps({"rel": float((R.T @ R - G).norm() / G.norm()), "rows": f.num_rows,
+                                         "backend": torch.distributed.get_backend()}))
+    distributed.shutdown()
+
+
+def _nccl_rows(rank: int) -> Tensor:
+    return torch.randn(8192 + 1000 * rank, 1024, generator=torch.Generator().manual_seed(rank))
+
+
+def section_nccl(log: Log, args) -> None:
+    """With two GPUs or more: coala.distributed's exact reduction of R factors over NCCL (2 processes)."""
+    if torch.cuda.device_count() < 2:
+        log.line("nccl", f"SKIPPED ({torch.cuda.device_count()} GPU: the 2-process NCCL check needs 2)")
+        return
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    path = args.out / "nccl.json"
+    _, secs = timed(lambda: mp.start_processes(_nccl_rank, args=(port, str(path)), nprocs=2, join=True,
+                                               start_method="spawn"), "cpu")
+    res = json.loads(path.read_text())
+    log.line("nccl all_reduce_ of R (2 ranks, n = 1024)", f"{secs:.1f} s incl. start, {res['rows']} rows, "
+             f"backend {res['backend']}")
+    log.check("nccl check", res["rel"] <= GRAM_TOL, f"‖RᵀR − XᵀX‖/‖XᵀX‖ = {res['rel']:.2e} ≤ {GRAM_TOL}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("gpu_check_out"), help="folder for gpu_check.md / .json")
@@ -390,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     log = Log(args.out, {"device": args.device, "quick": args.quick, "ratio": args.ratio})
     sections: list[tuple[str, Callable[[Log, argparse.Namespace], None]]] = [
-        ("env", section_env), ("minilm", section_minilm), ("smollm2", section_smollm2), ("stream", section_stream)]
+        ("env", section_env), ("minilm", section_minilm), ("smollm2", section_smollm2), ("stream", section_stream),
+        ("nccl", section_nccl)]
     for name, fn in sections:
         try:
             fn(log, args)

@@ -1,40 +1,42 @@
-"""Cost of the streaming R factor against a streaming Gram, a monolithic QR, and the solve.
+"""Cost of the streaming R factor against the streaming Gram, per width and thread count; the per-layer route
+against SVD-LLM's; what the thread default does on a busy machine; the kernel's tunables; the GPU.
 
-Run: ``python benchmarks/runtime.py [--quick]`` from the repository root (or ``coala bench runtime``).
+Run: ``python benchmarks/runtime.py [--quick] [--threads 1,2] [--sections streams,route,busy,sweep,gpu]`` from the
+repository root (or ``coala bench runtime``). Every figure is a median over ``--repeats`` interleaved runs (the
+tasks alternate, so that load on a shared machine hits all of them alike); ratios come from one run.
 
-1. Streaming statistics, float32, per width n: the same stream of loader blocks (2048 rows each, as a data loader
-   would deliver them) goes into ``RFactor`` (buffers ``default_block_rows(n)`` rows, then R ← R([R; X_b]) by
-   blocked Householder QR) and into ``GramAccumulator`` (G += X_bᵀX_b, one fp32 GEMM per block, as SVD-LLM).
-   Reference: one monolithic ``torch.linalg.qr(X, mode="r")`` of all rows (materialised; the stream is not).
-2. Sweeps at n = 1024 on one stream: ``RFactor(block_rows=b)``; the kernel's leaf width (columns per LAPACK
-   geqrf call, ``qr_update.LEAF``); and the previous route (LAPACK geqrf of the stacked [R; X_b], b = 4n).
-3. Per-layer solve from statistics to factors, for W of shape (n × n) and (4n × n):
-   ``coala.decompose(W, stats, method=...).factors(rank)`` for "coala" (SVD of W Rᵀ) and "svd-llm" (fp64 Cholesky
-   of G, its inverse, SVD of W L).
-
-Every figure is the minimum over ``--repeats`` interleaved runs (methods alternate, so that load on a shared
-machine hits all of them alike). Row counts: n = 1024 / 2048 / 4096 stream 294 912 / 122 880 / 61 440 rows
-(144 / 60 / 30 loader blocks, cycled from 8 distinct random blocks with log-spaced column scales); the full
-run takes ≈ 5–8 min on 2 cores. ``--quick``: n = 256, 512 and small streams (≈ 20 s).
+1. streams: for n = 576 (SmolLM2's width), 1024, 2048, 4096 and each thread count (default: 1, 2 and torch's
+   default), the same stream of loader blocks (2048 rows, float32, log-spaced column scales) into ``RFactor``
+   (default block rows and lanes) and into ``GramAccumulator`` (G += XᵀX, one GEMM per block, as SVD-LLM), R read at
+   the end (lanes merged). Printed: R / Gram per (n, threads); target ≤ 1.3.
+2. route: the per-layer route, statistics + factors, 32,768 tokens, W (n × n), rank n/4, n = 1024 and 4096:
+   coala (RFactor, SVD of W Rᵀ) against SVD-LLM (Gram, float64 Cholesky and inverse, SVD of W L). Target ≤ 1.0.
+3. busy (2 threads' worth of cores or fewer): one other process spins on a core, as on a shared machine; R stream,
+   Gram stream and a 1536 × 576 SVD at 1 and 2 threads — why coala's command line defaults to 1 thread there.
+4. sweep (1 thread, n = 1024): rows per update, panel and leaf width of the kernel (``qr_update.PANEL/LEAF``).
+5. gpu (only when CUDA is available): n = 1024 and 4096, 262,144 rows: Gram against the stacked geqrf (one
+   cuSOLVER geqrf of [R; X_b] per block, what RFactor does on a GPU) and the blocked kernel run on the GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
 
 import coala.linalg.qr_update as qr
 from coala.linalg import RFactor, decompose
+from coala.linalg.lapack import svd
 from coala.linalg.stats import ActivationStats, GramAccumulator
-from coala.linalg.tsqr import default_block_rows
+from coala.linalg.tsqr import default_block_rows, default_lanes
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # sibling helpers (benchmarks/_*.py) import by name, however the script is run
@@ -43,262 +45,284 @@ if str(HERE) not in sys.path:  # sibling helpers (benchmarks/_*.py) import by na
 from _report import machine, markdown_table, new_figure, out_dir, write_markdown
 
 LOADER_ROWS = 2048
-FULL = {"rows": {1024: 294_912, 2048: 122_880, 4096: 61_440}, "sweep_n": 1024, "sweep_rows": 65_536,
-        "solve_n": 1024, "repeats": 3}
-QUICK = {"rows": {256: 16_384, 512: 8_192}, "sweep_n": 256, "sweep_rows": 16_384, "solve_n": 256, "repeats": 2}
-SWEEP_BLOCKS = (256, 512, 1024, 2048, 4096, 8192, 16384)
-SWEEP_LEAVES = (16, 32, 64, 128)  # qr_update.LEAF: columns per LAPACK geqrf call inside a 128-column panel
+FULL = {"streams": {576: 65_536, 1024: 65_536, 2048: 32_768, 4096: 32_768}, "route": (1024, 4096),
+        "route_rows": 32_768, "sweep_n": 1024, "sweep_rows": 65_536, "gpu": (1024, 4096), "gpu_rows": 262_144,
+        "repeats": 3}
+QUICK = {"streams": {256: 16_384, 576: 16_384}, "route": (256,), "route_rows": 8_192, "sweep_n": 256,
+         "sweep_rows": 16_384, "gpu": (256,), "gpu_rows": 32_768, "repeats": 2}
+SECTIONS = ("streams", "route", "busy", "sweep", "gpu")
 
 
 @dataclass
 class Stream:
-    """``count`` loader blocks (LOADER_ROWS × n, float32), cycled from a pool of distinct blocks."""
+    """``count`` loader blocks (LOADER_ROWS × n), cycled from a pool of distinct blocks."""
 
     pool: list[Tensor]
     count: int
 
     def __iter__(self) -> Iterator[Tensor]:
-        """The ``count`` blocks, cycling through the pool."""
         return (self.pool[i % len(self.pool)] for i in range(self.count))
 
     @property
-    def rows(self) -> int:
-        """Rows in the whole stream."""
-        return self.count * LOADER_ROWS
-
-    @property
     def n(self) -> int:
-        """Width (in_features)."""
         return self.pool[0].shape[1]
 
-    def materialise(self) -> Tensor:
-        """All rows as one (rows × n) tensor."""
-        return torch.cat(list(self))
+    @property
+    def rows(self) -> int:
+        return self.count * LOADER_ROWS
 
 
-def make_stream(n: int, rows: int, seed: int = 0, pool: int = 8) -> Stream:
-    """About ``rows`` rows of width ``n`` from ``pool`` random blocks with log-spaced column scales."""
+def make_stream(n: int, rows: int, seed: int = 0, device: str = "cpu") -> Stream:
+    """About ``rows`` rows of width ``n``: 8 random blocks with log-spaced column scales, cycled."""
     g = torch.Generator().manual_seed(seed)
-    scales = torch.logspace(0, -3, n)  # unequal column scales, as activations have
-    blocks = [torch.randn(LOADER_ROWS, n, generator=g) * scales for _ in range(pool)]
-    return Stream(blocks, max(1, rows // LOADER_ROWS))
+    scales = torch.logspace(0, -3, n)
+    return Stream([(torch.randn(LOADER_ROWS, n, generator=g) * scales).to(device) for _ in range(8)],
+                  max(1, rows // LOADER_ROWS))
 
 
-# ---------------------------------------------------------------------------------------------- the workloads
 def gram_stream(s: Stream) -> Tensor:
-    """G = XᵀX accumulated block by block (the SVD-LLM route)."""
-    acc = GramAccumulator(s.n)
+    acc = GramAccumulator(s.n, device=s.pool[0].device)
     for block in s:
         acc.add_rows(block)
     return acc.G
 
 
-def r_stream(s: Stream, block_rows: int | None = None) -> Tensor:
-    """R of the stream by coala's RFactor (``block_rows`` rows per QR update; default: its own)."""
-    f = RFactor(s.n, block_rows=block_rows)
+def r_stream(s: Stream, **kw) -> Tensor:
+    f = RFactor(s.n, device=s.pool[0].device, **kw)
     for block in s:
         f.add_rows(block)
     return f.R
 
 
-def r_stream_leaf(s: Stream, leaf: int) -> Tensor:
-    """``r_stream`` with the kernel's leaf width set to ``leaf`` (default block_rows)."""
-    old, qr.LEAF = qr.LEAF, leaf
-    try:
-        return r_stream(s)
-    finally:
-        qr.LEAF = old
-
-
-def stacked_geqrf_stream(s: Stream, block_rows: int) -> Tensor:
-    """The previous route: buffer b rows, then LAPACK geqrf of the (n + b) × n matrix [R; X_b]."""
-    n = s.n
-    R = torch.zeros(n, n)
-    pending: list[Tensor] = []
-    have = 0
-    for block in [*s, None]:
-        if block is not None:
-            pending.append(block)
-            have += block.shape[0]
-        if pending and (have >= block_rows or block is None):
-            a, _ = torch.geqrf(torch.cat([R, *pending]))
-            R = a[:n].triu()
-            pending, have = [], 0
-    return R
-
-
-def race(tasks: dict[str, Callable[[], object]], repeats: int, bar: Any) -> dict[str, float]:
-    """Minimum wall time of each task over ``repeats`` rounds; the tasks alternate within a round."""
-    best = dict.fromkeys(tasks, float("inf"))
+def race(tasks: dict[str, Callable[[], object]], repeats: int, sync: Callable[[], None] = lambda: None
+         ) -> dict[str, float]:
+    """Median wall time of each task over ``repeats`` rounds; the tasks alternate within a round."""
+    times: dict[str, list[float]] = {k: [] for k in tasks}
+    for fn in tasks.values():  # warm-up: allocations, thread pools, LAPACK self-check
+        fn()
     for _ in range(repeats):
         for name, fn in tasks.items():
+            sync()
             t0 = time.perf_counter()
             fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
-            bar.update(1)
-    return best
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def with_threads(count: int, fn: Callable[[], object]) -> Callable[[], object]:
+    def run() -> object:
+        old = torch.get_num_threads()
+        torch.set_num_threads(count)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(old)
+    return run
 
 
 # ---------------------------------------------------------------------------------------------- the sections
-def bench_streams(cfg: dict, bar: Any) -> list[dict]:
-    """Section 1: Gram vs streaming R vs monolithic QR per width."""
+def bench_streams(cfg: dict, threads: list[int]) -> list[dict]:
     out = []
-    for n, rows in cfg["rows"].items():
+    for n, rows in cfg["streams"].items():
         s = make_stream(n, rows, seed=n)
-        X = s.materialise()
-        t = race({"gram": lambda s=s: gram_stream(s), "r": lambda s=s: r_stream(s),
-                  "mono": lambda X=X: torch.linalg.qr(X, mode="r")}, cfg["repeats"], bar)
-        del X
-        flops = 2.0 * s.rows * n * n
-        out.append({"n": n, "rows": s.rows, "block_rows": default_block_rows(n), **t,
-                    "r/gram": t["r"] / t["gram"], "r/mono": t["r"] / t["mono"], "mono/gram": t["mono"] / t["gram"],
-                    "gram_gflops": flops / t["gram"] / 1e9, "r_gflops": flops / t["r"] / 1e9})
+        for t in threads:
+            torch.set_num_threads(t)
+            r = race({"gram": lambda s=s: gram_stream(s), "r": lambda s=s: r_stream(s)}, cfg["repeats"])
+            out.append({"n": n, "threads": t, "rows": s.rows, "block_rows": default_block_rows(n),
+                        "lanes": default_lanes(n), **r, "ratio": r["r"] / r["gram"]})
     return out
 
 
-def bench_sweep(cfg: dict, bar: Any) -> tuple[list[dict], float]:
-    """Section 2: block size, leaf width and the previous stacked-geqrf route; rows and the Gram time."""
+def bench_route(cfg: dict, threads: list[int]) -> list[dict]:
+    """Statistics + factors: coala (R, SVD of W Rᵀ) against SVD-LLM (Gram, Cholesky, inverse, SVD of W L)."""
+    out = []
+    for n in cfg["route"]:
+        s = make_stream(n, cfg["route_rows"], seed=2 * n)
+        W = torch.randn(n, n, generator=torch.Generator().manual_seed(3)) / n**0.5
+        rank = n // 4
+
+        def route(method: str, kind: str, s=s, W=W, rank=rank, n=n) -> None:
+            stats = ActivationStats(n, (kind,))
+            for block in s:
+                stats.update(block)
+            decompose(W, stats, method=method).factors(rank)
+
+        for t in threads:
+            torch.set_num_threads(t)
+            r = race({"coala": lambda route=route: route("coala", "r"),
+                      "svd-llm": lambda route=route: route("svd-llm", "gram")}, cfg["repeats"])
+            out.append({"n": n, "threads": t, "rows": s.rows, **r, "ratio": r["coala"] / r["svd-llm"]})
+    return out
+
+
+def bench_busy(cfg: dict) -> list[dict]:
+    """R / Gram streams and a small SVD at 1 and 2 threads while another process spins on one core."""
+    s = make_stream(cfg["sweep_n"], 16_384, seed=5)
+    M = torch.randn(1536, 576, generator=torch.Generator().manual_seed(6))
+    tasks: dict[str, Callable[[], object]] = {}
+    for t in (1, 2):
+        tasks[f"gram@{t}"] = with_threads(t, lambda: gram_stream(s))
+        tasks[f"r@{t}"] = with_threads(t, lambda: r_stream(s))
+        tasks[f"svd@{t}"] = with_threads(t, lambda: svd(M))
+        tasks[f"svd-mkl-threads@{t}"] = with_threads(t, lambda: torch.linalg.svd(M, full_matrices=False))
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        r = race(tasks, cfg["repeats"])
+    finally:
+        spinner.kill()
+        spinner.wait()
+    return [{"task": k.split("@")[0], "threads": int(k.split("@")[1]), "s": v} for k, v in r.items()]
+
+
+def bench_sweep(cfg: dict) -> list[dict]:
+    """Rows per update, panel and leaf width at one thread."""
+    torch.set_num_threads(1)
     n = cfg["sweep_n"]
     s = make_stream(n, cfg["sweep_rows"], seed=1)
     tasks: dict[str, Callable[[], object]] = {"gram": lambda: gram_stream(s)}
-    for b in SWEEP_BLOCKS:
-        tasks[f"b={b}"] = lambda b=b: r_stream(s, b)
-    for leaf in SWEEP_LEAVES:
-        tasks[f"leaf={leaf}"] = lambda leaf=leaf: r_stream_leaf(s, leaf)
-    tasks["geqrf"] = lambda: stacked_geqrf_stream(s, 4 * n)
-    t = race(tasks, cfg["repeats"], bar)
-    rows = [{"block_rows": b, "leaf": qr.LEAF, "s": t[f"b={b}"], "x_gram": t[f"b={b}"] / t["gram"],
-             "route": "RFactor"} for b in SWEEP_BLOCKS]
-    rows += [{"block_rows": default_block_rows(n), "leaf": leaf, "s": t[f"leaf={leaf}"],
-              "x_gram": t[f"leaf={leaf}"] / t["gram"], "route": "RFactor, leaf width"} for leaf in SWEEP_LEAVES]
-    rows.append({"block_rows": 4 * n, "leaf": "—", "s": t["geqrf"], "x_gram": t["geqrf"] / t["gram"],
-                 "route": "stacked geqrf (previous)"})
-    return rows, t["gram"]
+    for b in (2048, 4096, 8192, 16384):
+        tasks[f"block_rows={b}"] = lambda b=b: r_stream(s, block_rows=b)
+    for panel, leaf in ((64, 16), (128, 16), (128, 32), (256, 32)):
+        def tuned(panel=panel, leaf=leaf) -> Tensor:
+            old = qr.PANEL, qr.LEAF
+            qr.PANEL, qr.LEAF = panel, leaf
+            try:
+                return r_stream(s)
+            finally:
+                qr.PANEL, qr.LEAF = old
+        tasks[f"panel={panel} leaf={leaf}"] = tuned
+    r = race(tasks, cfg["repeats"])
+    return [{"setting": k, "s": v, "x_gram": v / r["gram"]} for k, v in r.items() if k != "gram"]
 
 
-def bench_solve(cfg: dict, bar: Any) -> list[dict]:
-    """Section 3: statistics → factors for coala and svd-llm, square and tall W."""
-    n = cfg["solve_n"]
-    stats = ActivationStats(n, ("r", "gram"))
-    for block in make_stream(n, 4 * max(n, LOADER_ROWS), seed=2):
-        stats.update(block)
-    _ = stats.r.R  # flush the buffer before timing
-    g = torch.Generator().manual_seed(3)
+def bench_gpu(cfg: dict, device: str = "cuda") -> list[dict]:
+    """Gram, stacked geqrf (RFactor's GPU route) and the blocked kernel on ``device``."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     out = []
-    for m in (n, 4 * n):
-        W = torch.randn(m, n, generator=g) / n**0.5
-        rank = n // 4
-        t = race({meth: lambda W=W, meth=meth, rank=rank: decompose(W, stats, method=meth).factors(rank)
-                  for meth in ("coala", "svd-llm")}, cfg["repeats"], bar)
-        out.append({"shape": f"{m} × {n}", "rank": rank, **t, "ratio": t["coala"] / t["svd-llm"]})
+    for n in cfg["gpu"]:
+        s = make_stream(n, cfg["gpu_rows"], seed=7, device=device)
+
+        def blocked(s=s, n=n) -> Tensor:
+            kind = torch.device(device).type
+            added = kind not in qr.BLOCKED_DEVICES
+            qr.BLOCKED_DEVICES.add(kind)
+            try:
+                return r_stream(s, block_rows=max(4 * n, 8192))
+            finally:
+                if added:
+                    qr.BLOCKED_DEVICES.discard(kind)
+
+        r = race({"gram": lambda s=s: gram_stream(s), "stacked": lambda s=s: r_stream(s), "blocked": blocked},
+                 cfg["repeats"], sync)
+        out.append({"n": n, "rows": s.rows, **r, "stacked/gram": r["stacked"] / r["gram"],
+                    "blocked/gram": r["blocked"] / r["gram"]})
     return out
 
 
 # ---------------------------------------------------------------------------------------------- reporting
-def plot(path: Path, streams: list[dict], sweep: list[dict], sweep_gram: float, solve: list[dict],
-         sweep_n: int) -> None:
-    """The four panels (streams, block size, leaf width, solve) saved to ``path``."""
-    fig, axes = new_figure(2, 2, figsize=(12, 8.4))
-    axes = axes.ravel()
-    ax = axes[0]
-    labels = [f"n={r['n']}\n{r['rows']:,} rows" for r in streams]
-    x = torch.arange(len(streams)).tolist()
-    for i, (key, name) in enumerate((("gram", "Gram G += XᵀX"), ("r", "streaming R (coala)"),
-                                     ("mono", "monolithic qr(X)"))):
-        ax.bar([v + (i - 1) * 0.27 for v in x], [r[key] for r in streams], width=0.27, label=name)
-    ax.set_xticks(x, labels)
-    ax.set_ylabel("seconds")
-    ax.set_yscale("log")
-    ax.set_title("statistics of one input stream (float32)")
-    ax.legend(fontsize=8)
-    ax = axes[1]
-    rf = [r for r in sweep if r["route"] == "RFactor"]
-    ax.plot([r["block_rows"] for r in rf], [r["s"] for r in rf], "o-", label="RFactor(block_rows=b)")
-    prev = next(r for r in sweep if r["route"].startswith("stacked"))
-    ax.plot([prev["block_rows"]], [prev["s"]], "s", color="C3", label="stacked geqrf, b=4n (previous)")
-    ax.axhline(sweep_gram, color="k", ls="--", lw=1, label="Gram")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("rows per QR update b")
-    ax.set_ylabel("seconds")
-    ax.set_title(f"block size, n = {sweep_n}")
-    ax.legend(fontsize=8)
-    ax = axes[2]
-    lw = [r for r in sweep if r["route"] == "RFactor, leaf width"]
-    ax.plot([r["leaf"] for r in lw], [r["s"] for r in lw], "o-", label=f"block_rows = {lw[0]['block_rows']}")
-    ax.axhline(sweep_gram, color="k", ls="--", lw=1, label="Gram")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("columns per LAPACK geqrf call (qr_update.LEAF)")
-    ax.set_ylabel("seconds")
-    ax.set_title(f"kernel leaf width, n = {sweep_n} (shipped: {qr.LEAF})")
-    ax.legend(fontsize=8)
-    ax = axes[3]
-    x = list(range(len(solve)))
-    ax.bar([v - 0.2 for v in x], [r["coala"] for r in solve], width=0.4, label="coala (SVD of W Rᵀ)")
-    ax.bar([v + 0.2 for v in x], [r["svd-llm"] for r in solve], width=0.4, label="svd-llm (chol, inv, SVD)")
-    ax.set_xticks(x, [f"W {r['shape']}\nrank {r['rank']}" for r in solve])
-    ax.set_ylabel("seconds")
-    ax.set_title("per-layer solve: statistics → factors")
-    ax.legend(fontsize=8)
+def report(res: dict, cfg: dict, wall: float) -> str:
+    parts = []
+    if "streams" in res:
+        parts.append("## Streaming statistics: R / Gram (float32, loader blocks of 2048 rows)\n\n" + markdown_table(
+            ["n", "threads", "rows", "block rows", "lanes", "Gram s", "stream R s", "R / Gram"],
+            [[r["n"], r["threads"], r["rows"], r["block_rows"], r["lanes"], r["gram"], r["r"], r["ratio"]]
+             for r in res["streams"]]))
+    if "route" in res:
+        parts.append("## Per-layer route: statistics + factors, W (n × n), rank n/4\n\n" + markdown_table(
+            ["n", "threads", "tokens", "coala s", "SVD-LLM s", "coala / SVD-LLM"],
+            [[r["n"], r["threads"], r["rows"], r["coala"], r["svd-llm"], r["ratio"]] for r in res["route"]]))
+    if "busy" in res:
+        parts.append("## One other process spinning on a core\n\n" + markdown_table(
+            ["task", "threads", "s"], [[r["task"], r["threads"], r["s"]] for r in res["busy"]]))
+    if "sweep" in res:
+        parts.append(f"## Kernel settings, n = {cfg['sweep_n']}, 1 thread (shipped: panel {qr.PANEL}, leaf "
+                     f"{qr.LEAF}, block rows {default_block_rows(cfg['sweep_n'])})\n\n" + markdown_table(
+                         ["setting", "s", "× Gram"], [[r["setting"], r["s"], r["x_gram"]] for r in res["sweep"]]))
+    if "gpu" in res:
+        parts.append("## GPU: streaming R\n\n" + markdown_table(
+            ["n", "rows", "Gram s", "stacked geqrf s", "blocked kernel s", "stacked / Gram", "blocked / Gram"],
+            [[r["n"], r["rows"], r["gram"], r["stacked"], r["blocked"], r["stacked/gram"], r["blocked/gram"]]
+             for r in res["gpu"]]))
+    ratios = [f"- stream R / Gram, n = {r['n']}, {r['threads']} thread(s): {r['ratio']:.2f}"
+              for r in res.get("streams", [])]
+    ratios += [f"- route coala / SVD-LLM, n = {r['n']}, {r['threads']} thread(s): {r['ratio']:.2f}"
+               for r in res.get("route", [])]
+    ratios += [f"- GPU n = {r['n']}: stacked / Gram {r['stacked/gram']:.2f}, blocked / Gram {r['blocked/gram']:.2f}"
+               for r in res.get("gpu", [])]
+    return "\n\n".join(parts) + "\n\n## Ratios\n\n" + "\n".join(ratios) + (
+        f"\n\nMedian of {cfg['repeats']} interleaved runs. Load average at the end: {load()}. "
+        f"Wall time of the whole benchmark: {wall:.0f} s.\n")
+
+
+def load() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def plot(path: Path, res: dict) -> None:
+    keys = [k for k in ("streams", "route") if k in res]
+    if not keys:
+        return
+    fig, axes = new_figure(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        for t in sorted({r["threads"] for r in res[key]}):
+            pts = [(r["n"], r["ratio"]) for r in res[key] if r["threads"] == t]
+            ax.plot(*zip(*pts, strict=True), "o-", label=f"{t} thread(s)")
+        ax.axhline(1.3 if key == "streams" else 1.0, color="k", ls="--", lw=1, label="target")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("n (in_features)")
+        ax.set_title("stream R / Gram" if key == "streams" else "per-layer route: coala / SVD-LLM")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-
-
-def report(d: Path, streams: list[dict], sweep: list[dict], sweep_gram: float, solve: list[dict], cfg: dict,
-           wall: float) -> str:
-    """Write runtime.md to ``d``; returns its tables as markdown."""
-    t1 = markdown_table(
-        ["n", "rows", "block_rows", "Gram s", "stream R s", "mono QR s", "R / Gram", "R / mono QR", "mono / Gram",
-         "Gram GFLOP/s", "R GFLOP/s"],
-        [[r["n"], r["rows"], r["block_rows"], r["gram"], r["r"], r["mono"], r["r/gram"], r["r/mono"],
-          r["mono/gram"], r["gram_gflops"], r["r_gflops"]] for r in streams])
-    t2 = markdown_table(["route", "b (rows per update)", "leaf width", "s", "× Gram"],
-                        [[r["route"], r["block_rows"], r["leaf"], r["s"], r["x_gram"]] for r in sweep])
-    t3 = markdown_table(["W", "rank", "coala s", "svd-llm s", "coala / svd-llm"],
-                        [[r["shape"], r["rank"], r["coala"], r["svd-llm"], r["ratio"]] for r in solve])
-    ratios = "\n".join(
-        [f"- n = {r['n']}: stream-R / mono-QR = {r['r/mono']:.2f}, stream-R / Gram = {r['r/gram']:.2f}"
-         for r in streams]
-        + [f"- solve W {r['shape']}: coala / svd-llm = {r['ratio']:.2f}" for r in solve])
-    text = (f"## Streaming statistics (float32, loader blocks of {LOADER_ROWS} rows)\n\n{t1}\n\n"
-            f"## RFactor block size, n = {cfg['sweep_n']}, {cfg['sweep_rows']:,} rows (Gram: {sweep_gram:.3g} s)"
-            f"\n\n{t2}\n\n## Per-layer solve (statistics → factors, float32)\n\n{t3}\n\n## Ratios\n\n{ratios}\n")
-    notes = (f"Minimum of {cfg['repeats']} interleaved runs; GFLOP/s counts 2·rows·n² for both. "
-             f"Threads: {torch.get_num_threads()}. Wall time of the whole benchmark: {wall:.0f} s.")
-    write_markdown(d / "runtime.md", "Runtime: streaming R factor vs Gram, QR and solve", text, notes)
-    return text
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark with command-line ``argv``; returns the exit status."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="output folder (default results/runtime)")
-    ap.add_argument("--quick", action="store_true", help="n = 256, 512, small streams (≈ 20 s)")
-    ap.add_argument("--repeats", type=int, default=None, help="runs per figure, the minimum is kept (default 3)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own setting)")
+    ap.add_argument("--quick", action="store_true", help="small widths and streams (≈ 1 min)")
+    ap.add_argument("--repeats", type=int, default=None, help="runs per figure, the median is kept (default 3)")
+    ap.add_argument("--threads", default=None, help="thread counts, e.g. 1,2 (default: 1, 2 and torch's default)")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"any of {','.join(SECTIONS)}")
     args = ap.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
     if args.repeats is not None:
         if args.repeats < 1:
             raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
         cfg["repeats"] = args.repeats
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    default = torch.get_num_threads()
+    threads = sorted({int(t) for t in args.threads.split(",")} if args.threads else {1, 2, default})
+    if any(t < 1 for t in threads):
+        raise ValueError(f"--threads must be positive, got {args.threads}")
+    sections = [s for s in args.sections.split(",") if s]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
     d = out_dir(args.out, "runtime")
-    from tqdm.auto import tqdm
-
-    total = cfg["repeats"] * (3 * len(cfg["rows"]) + len(SWEEP_BLOCKS) + len(SWEEP_LEAVES) + 2 + 4)
-    print(machine())
+    print(machine(), f"(default threads {default}); load average {load()}")
     t0 = time.perf_counter()
-    with torch.inference_mode(), tqdm(total=total, desc="runtime", leave=False) as bar:
-        streams = bench_streams(cfg, bar)
-        sweep, sweep_gram = bench_sweep(cfg, bar)
-        solve = bench_solve(cfg, bar)
-    wall = time.perf_counter() - t0
-    plot(d / "runtime.png", streams, sweep, sweep_gram, solve, cfg["sweep_n"])
-    print(report(d, streams, sweep, sweep_gram, solve, cfg, wall))
-    print(f"wall time {wall:.0f} s; wrote {d / 'runtime.md'} and {d / 'runtime.png'}")
+    res: dict = {}
+    with torch.inference_mode():
+        if "streams" in sections:
+            res["streams"] = bench_streams(cfg, threads)
+        if "route" in sections:
+            res["route"] = bench_route(cfg, threads)
+        if "busy" in sections:
+            res["busy"] = bench_busy(cfg)
+        if "sweep" in sections:
+            res["sweep"] = bench_sweep(cfg)
+        if "gpu" in sections and torch.cuda.is_available():
+            res["gpu"] = bench_gpu(cfg)
+    torch.set_num_threads(default)
+    text = report(res, cfg, time.perf_counter() - t0)
+    write_markdown(d / "runtime.md", "Runtime: streaming R factor vs Gram, per-layer route, threads", text)
+    plot(d / "runtime.png", res)
+    print(text)
+    print(f"wrote {d / 'runtime.md'} and {d / 'runtime.png'}")
     return 0
 
 

@@ -109,7 +109,7 @@ def minilm_problems(block: int, max_tokens: int, progress: bool) -> list[Problem
     out = []
     for name, cap in minilm_inputs(block, max_tokens, progress=progress).items():
         short = "query" if name.endswith("query") else "ffn-out"
-        desc = f"MiniLM {name} inputs on builtin_sentences('train'), padding excluded"
+        desc = f"MiniLM {name} inputs on Python's docs (paragraphs of 40-400 characters), padding excluded"
         out.append(Problem(f"minilm.{block}.{short}", desc, cap.weight, cap.rows, cap.stats))
     return out
 

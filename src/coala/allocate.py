@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .lowrank import low_rank_params
@@ -195,6 +196,78 @@ def achieved(
     return report
 
 
+# ------------------------------------------------------------------------------------- budgeted minimisation
+@dataclass(frozen=True)
+class RankOptions:
+    """The choices of one (m × n) matrix for ``lagrangian_ranks``: ``ranks[k]`` (an int, or None = dense) costs
+    ``cost[k]`` (float64, the predicted damage, ≥ 0; dense should cost 0)."""
+
+    shape: tuple[int, int]
+    ranks: list[int | None]
+    cost: Tensor
+
+    @property
+    def params(self) -> Tensor:
+        m, n = self.shape
+        return torch.tensor([m * n if r is None else low_rank_params(m, n, r) for r in self.ranks],
+                            dtype=torch.float64)
+
+
+def lagrangian_ranks(options: Mapping[str, RankOptions], shapes: Mapping[str, tuple[int, int]], ratio: float
+                     ) -> dict[str, int | None]:
+    """Ranks (None = dense) for every matrix of ``shapes`` that remove at least ``ratio`` of their parameters
+    while minimising Σ cost (docs/design.md §6). Matrices without options stay dense.
+
+    Lagrangian relaxation: for a multiplier λ every matrix takes the option minimising cost + λ·params; λ grows
+    ×4 from 1e-30 until the plan fits, then 100 bisection steps find the smallest λ that fits; parameters left in
+    the budget are then spent greedily on the best cost reduction per parameter (λ moves plans in steps).
+    """
+    ratio = _check_ratio(ratio)
+    budget = (1.0 - ratio) * sum(m * n for m, n in shapes.values())
+    fixed = sum(m * n for name, (m, n) in shapes.items() if name not in options)
+    table = {name: (opt.ranks, opt.cost.to(torch.float64), opt.params) for name, opt in options.items()}
+
+    def pick(lam: float) -> tuple[dict[str, int], float]:
+        index, used = {}, float(fixed)
+        for name, (_, cost, params) in table.items():
+            index[name] = k = int(torch.argmin(cost + lam * params))
+            used += float(params[k])
+        return index, used
+
+    lo, hi = 0.0, 1e-30
+    while pick(hi)[1] > budget:
+        lo, hi = hi, hi * 4
+        if hi > 1e300:
+            raise ValueError(f"ratio {ratio} cannot be reached with the allowed ranks; lower the ratio")
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if pick(mid)[1] > budget else (lo, mid)
+    index, used = pick(hi)
+    _spend_leftover(index, table, budget - used)
+    return {name: table[name][0][index[name]] if name in table else None for name in shapes}
+
+
+def _spend_leftover(index: dict[str, int], table: dict, left: float) -> None:
+    """Move options in place to larger ones while parameters are left, best cost reduction per parameter first."""
+    while True:
+        best = None
+        for name, (_, cost, params) in table.items():
+            k = index[name]
+            extra = params - params[k]
+            fits = (extra > 0) & (extra <= left)
+            if fits.any():
+                gains = torch.where(fits, (cost[k] - cost) / extra.clamp_min(1.0), -torch.inf)
+                j = int(torch.argmax(gains))
+                if best is None or float(gains[j]) > best[0]:
+                    best = (float(gains[j]), name, j)
+        if best is None:
+            return
+        _, name, j = best
+        params = table[name][2]
+        left -= float(params[j] - params[index[name]])
+        index[name] = j
+
+
 # ---------------------------------------------------------------------------------------------- the registry
 @dataclass
 class LayerEvidence:
@@ -204,6 +277,7 @@ class LayerEvidence:
     ``tail_loss``: loss[r] for r = 0..min(out, in), the truncation loss of rank r as the method measures it
     (for COALA ‖(W − W'_r)Xᵀ‖²_F; float64, on the CPU), from one decomposition of the original weight.
     ``sensitivity``: a ``coala.sensitivity.SensitivityCurve`` (measured output change when truncated alone).
+    ``fisher``: c = Σ_t ‖∂L/∂y_t‖² / (d_out·T), the mean squared output gradient of the loss (``coala.fisher``).
     Each is filled only when the allocation declares it ``needs`` it.
     """
 
@@ -212,10 +286,11 @@ class LayerEvidence:
     shape: tuple[int, int]
     tail_loss: Tensor | None = None
     sensitivity: Any = None
+    fisher: float | None = None
 
 
 AllocateFn = Callable[[Mapping[str, LayerEvidence], float], dict[str, "int | None"]]
-EVIDENCE = ("tail_loss", "sensitivity")
+EVIDENCE = ("tail_loss", "sensitivity", "fisher")
 
 
 @dataclass(frozen=True)
@@ -233,7 +308,7 @@ ALLOCATIONS: dict[str, Allocation] = {}
 
 def register_allocation(name: str, *, needs: Iterable[str] = ()) -> Callable[[AllocateFn], AllocateFn]:
     """Decorator: make ``fn(evidence, ratio) -> plan`` available as ``CompressConfig(allocation=name)`` and
-    ``coala compress --allocation NAME``. ``needs``: evidence to gather first ("tail_loss", "sensitivity")."""
+    ``coala compress --allocation NAME``. ``needs``: evidence to gather first (a subset of ``EVIDENCE``)."""
     needs = frozenset(needs)
     if needs - set(EVIDENCE):
         raise ValueError(f"allocation {name!r}: unknown evidence {sorted(needs - set(EVIDENCE))}; choose from "

@@ -13,21 +13,24 @@ import math
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocate import achieved, allocation_names
-from .compress import collect_statistics, decompose_layers
+from .allocate import achieved, allocation_names, get_allocation
+from .compress import calibration_set, collect_statistics, decompose_layers
 from .config import CalibrationConfig, CompressConfig, RuntimeConfig, csv_floats, csv_names, option
+from .distributed import balance, gather_json, is_main, rank, world_size
+from .fisher import gradient_scales
 from .layer_solve import solve_layers
 from .linalg.dtypes import ACCUMULATION_DTYPES
 from .linalg.methods import get_method
 from .planning import plan_from_decompositions
 from .plotting import PLOT_EXTRA_HINT, machine, new_figure
+from .sensitivity import first_samples
 
 # Which way is better for each metric kind (for the bold "best" cells).
 HIGHER_IS_BETTER = {"ppl": False, "cos_mean": True, "cos_p05": True, "task": True, "weighted_err": False}
@@ -38,9 +41,11 @@ class CompareConfig:
     """Settings of ``compare`` (the calibration sampling and the runtime come as ``CalibrationConfig`` /
     ``RuntimeConfig``, as for ``compress``).
 
-    ``evals``: "ppl:SOURCE" (perplexity on a source's test split), "fidelity" (embedding cosine on the built-in
-    held-out sentences), "task:NAME" (lm-eval zero-shot, with ``limit``); None: ppl:builtin for models with
-    logits, fidelity for encoders. ``allocation`` as in ``CompressConfig`` ("auto": each method's own).
+    ``evals``: "ppl:SOURCE" (perplexity on a source's test split), "fidelity:SOURCE" (embedding cosine on a
+    source's evaluation sentences, ``coala.data.evaluation_sentences``; "fidelity" alone: builtin), "task:NAME"
+    (lm-eval zero-shot, with ``limit``); None: ``default_evals``, out of domain (english) and in domain (builtin)
+    — perplexity for models with logits, fidelity for encoders. ``allocation`` as in ``CompressConfig`` ("auto":
+    each method's own).
     """
 
     methods: tuple[str, ...] = option(("coala", "svd-llm", "svd-llm-v2", "asvd", "svd"), "methods to compare",
@@ -48,7 +53,8 @@ class CompareConfig:
     ratios: tuple[float, ...] = option((0.2, 0.4, 0.6), "fractions of the targeted parameters removed",
                                        parse=csv_floats)
     evals: tuple[str, ...] | None = option(
-        None, "ppl:SOURCE, fidelity, task:NAME (default: ppl:builtin for LMs, fidelity for encoders)",
+        None, "ppl:SOURCE, fidelity:SOURCE, task:NAME (default: ppl:english,ppl:builtin for LMs, "
+              "fidelity:english,fidelity:builtin for encoders: out of domain and in domain)",
         parse=csv_names, flag="--eval")
     mu: float = option(0.0, "COALA regularisation weight mu >= 0", parse=float)
     adaptive_mu: bool = option(False, "the paper's adaptive mu rule (COALA)")
@@ -73,7 +79,7 @@ class CompareConfig:
                 raise ValueError(f"every ratio must be strictly between 0 and 1, got {r!r}")
         for spec in self.evals or ():
             if spec.partition(":")[0] not in ("ppl", "fidelity", "task"):
-                raise ValueError(f"unknown --eval item {spec!r}: use ppl:SOURCE, fidelity or task:NAME")
+                raise ValueError(f"unknown --eval item {spec!r}: use ppl:SOURCE, fidelity:SOURCE or task:NAME")
         if (self.mu or self.adaptive_mu) and not any(get_method(m).uses_mu for m in self.methods):
             raise ValueError(f"mu / adaptive_mu apply to method 'coala' only, and none of {self.methods} is it")
         for method in self.methods:  # every (method, ratio) must be a valid CompressConfig: checked up front
@@ -89,12 +95,18 @@ class CompareConfig:
 
 @dataclass
 class CompareResult:
+    """``rows``: one dict per model (the original first) with method, ratio, removed, weighted_err and a value per
+    metric key ("ppl:english", "cos_mean:builtin", "task:piqa", ...); ``labels``: the column header of each metric
+    key, naming the text and how it relates to the calibration text ("ppl english (out of domain)")."""
+
     rows: list[dict]
     metrics: list[str]
     times: dict[str, float]
+    labels: dict[str, str] = field(default_factory=dict)
 
     def table(self) -> tuple[list[str], list[list[object]]]:
-        headers = ["method", "ratio", "removed (targeted)", *self.metrics, "mean rel. weighted err"]
+        headers = ["method", "ratio", "removed (targeted)", *(self.labels.get(m, m) for m in self.metrics),
+                   "mean rel. weighted err"]
         body = [[r["method"], r["ratio"], r["removed"], *(r.get(m) for m in self.metrics), r["weighted_err"]]
                 for r in self.rows]
         return headers, body
@@ -104,60 +116,105 @@ def _metric_kind(metric: str) -> str:
     return metric.split(":")[0] if ":" in metric else metric
 
 
-def _evaluate(model: nn.Module, tokenizer, evals: Sequence[str], config: CompareConfig, ref_emb) -> dict:
-    from .data import builtin_sentences, load_texts
-    from .evaluate import embedding_fidelity, lm_eval_tasks, perplexity
+def metric_label(metric: str, calibration="builtin") -> str:
+    """Column header of a metric key: "ppl:english" → "ppl english (out of domain)" (``coala.data.domain_label``
+    against ``calibration``); "task:NAME" stays as it is."""
+    from .data import domain_label
+
+    kind, _, source = metric.partition(":")
+    if kind not in ("ppl", "cos_mean", "cos_p05") or not source:
+        return metric
+    name = Path(source).name if Path(source).suffix else source
+    return f"{kind.replace('_', ' ')} {name} ({domain_label(source, calibration)})"
+
+
+def _evaluate(model: nn.Module, tokenizer, evals: Sequence[str], config: CompareConfig, references: dict,
+              windows: dict) -> dict:
+    """The metrics of one model; ``windows`` caches the perplexity windows (cut once, scored for every model)."""
+    from .data import load_texts
+    from .evaluate import embedding_fidelity, lm_eval_tasks, perplexity, perplexity_windows
 
     out: dict[str, float] = {}
     for spec in evals:
         kind, _, arg = spec.partition(":")
         if kind == "ppl":
             seqlen = min(config.ppl_seqlen, getattr(model.config, "max_position_embeddings", config.ppl_seqlen))
-            res = perplexity(model, tokenizer, load_texts(arg or "builtin", "test"), seqlen=seqlen,
-                             batch_size=1, source=arg, progress=False)
+            if (arg, seqlen) not in windows:
+                windows[arg, seqlen] = perplexity_windows(tokenizer, load_texts(arg or "builtin", "test"), seqlen,
+                                                          source=arg or "builtin")
+            res = perplexity(model, tokenizer, windows[arg, seqlen], progress=False)
             out[f"ppl:{arg or 'builtin'}"] = res.ppl
         elif kind == "fidelity":
-            fid = embedding_fidelity(model, ref_emb, tokenizer, builtin_sentences("test"),
-                                     batch_size=config.eval_batch_size)
-            out["cos_mean"], out["cos_p05"] = fid.mean_cosine, fid.p05_cosine
+            sentences, ref_emb = references[arg or "builtin"]
+            fid = embedding_fidelity(model, ref_emb, tokenizer, sentences, batch_size=config.eval_batch_size)
+            out[f"cos_mean:{arg or 'builtin'}"], out[f"cos_p05:{arg or 'builtin'}"] = fid.mean_cosine, fid.p05_cosine
         elif kind == "task":
             res = lm_eval_tasks(model, tokenizer, [arg], limit=config.limit, batch_size=1)
             out[f"task:{arg}"] = res[arg]["value"]
         else:
-            raise ValueError(f"unknown --eval item {spec!r}: use ppl:SOURCE, fidelity or task:NAME")
+            raise ValueError(f"unknown --eval item {spec!r}: use ppl:SOURCE, fidelity:SOURCE or task:NAME")
     return out
 
 
 def default_evals(model: nn.Module) -> list[str]:
+    """Out of domain and in domain: ppl:english, ppl:builtin for a model with logits; fidelity:english,
+    fidelity:builtin for an encoder."""
     causal = getattr(model, "get_output_embeddings", lambda: None)() is not None
-    return ["ppl:builtin"] if causal else ["fidelity"]
+    kind = "ppl" if causal else "fidelity"
+    return [f"{kind}:english", f"{kind}:builtin"]
 
 
 def compare(model: nn.Module, tokenizer, config: CompareConfig | None = None, *, calibration="builtin",
             data: CalibrationConfig | None = None, runtime: RuntimeConfig | None = None) -> CompareResult:
     """Every method × ratio from one calibration pass over ``model`` (left unchanged); rows hold the metrics,
-    the first row is the original model's."""
+    the first row is the original model's. In a distributed run the calibration pass is shared (each rank its
+    batches) and so are the methods (each rank decomposes and evaluates its own); every rank returns all rows,
+    with ``solve_s`` / ``eval_s`` summed over the ranks."""
     config = config or CompareConfig()
     runtime = runtime or RuntimeConfig()
+    if not is_main():
+        runtime = replace(runtime, progress=False)
     evals = list(config.evals or default_evals(model))
     t0 = time.perf_counter()
     base = config.compress_config(config.methods[0], config.ratios[0])
-    stats = collect_statistics(model, calibration, base, methods=list(config.methods), data=data, runtime=runtime,
+    batches, _ = calibration_set(model, calibration, data or CalibrationConfig(), tokenizer)
+    stats = collect_statistics(model, batches, base, methods=list(config.methods), data=data, runtime=runtime,
                                tokenizer=tokenizer)
     times = {"calibration_s": time.perf_counter() - t0, "solve_s": 0.0, "eval_s": 0.0}
-    ref_emb = None
-    if "fidelity" in evals:
-        from .data import builtin_sentences
-        from .evaluate import sentence_embeddings
+    references = {}  # fidelity source → (its sentences, the original model's embeddings of them)
+    for spec in evals:
+        kind, _, source = spec.partition(":")
+        if kind == "fidelity" and (source or "builtin") not in references:
+            from .data import evaluation_sentences
+            from .evaluate import sentence_embeddings
 
-        ref_emb = sentence_embeddings(model, tokenizer, builtin_sentences("test"), batch_size=config.eval_batch_size)
+            sentences = evaluation_sentences(source or "builtin")
+            references[source or "builtin"] = (sentences, sentence_embeddings(model, tokenizer, sentences,
+                                                                              batch_size=config.eval_batch_size))
     layers = {name: model.get_submodule(name) for name in stats}
-    t = time.perf_counter()
-    rows = [{"method": "original", "ratio": 0.0, "removed": 0.0, "weighted_err": 0.0,
-             **_evaluate(model, tokenizer, evals, config, ref_emb)}]
-    times["eval_s"] += time.perf_counter() - t
-    bar = tqdm(total=len(config.methods) * len(config.ratios), desc="compare", disable=not runtime.progress)
-    for method in config.methods:
+    fisher = None
+    if any("fisher" in get_allocation(config.compress_config(m, config.ratios[0]).resolved_allocation).needs
+           for m in config.methods):  # one backward pass serves every method and ratio
+        t = time.perf_counter()
+        fisher = gradient_scales(model, layers, first_samples(batches, base.sensitivity_samples),
+                                 progress=runtime.progress)
+        times["allocation_s"] = time.perf_counter() - t
+    windows: dict = {}  # perplexity windows, cut once for every model
+    # the original row and each method's cells are work items, shared out between the ranks of a distributed run
+    items = ["original", *config.methods]
+    owners = balance([1.0] + [len(config.ratios) + 1.0] * len(config.methods), world_size())
+    mine = [item for item, owner in zip(items, owners, strict=True) if owner == rank()]
+    bar = tqdm(total=sum(len(config.ratios) for item in mine if item != "original"), desc="compare",
+               disable=not runtime.progress)
+    local: dict[str, list[dict]] = {}
+    for method in mine:
+        if method == "original":
+            t = time.perf_counter()
+            local[method] = [{"method": "original", "ratio": 0.0, "removed": 0.0, "weighted_err": 0.0,
+                              **_evaluate(model, tokenizer, evals, config, references, windows)}]
+            times["eval_s"] += time.perf_counter() - t
+            continue
+        local[method] = []
         t = time.perf_counter()
         decs = decompose_layers(model, stats, config.compress_config(method, config.ratios[0]), device=runtime.device,
                                 progress=runtime.progress)
@@ -166,25 +223,31 @@ def compare(model: nn.Module, tokenizer, config: CompareConfig | None = None, *,
             t = time.perf_counter()
             cell = config.compress_config(method, ratio)
             with torch.no_grad():
-                plan = plan_from_decompositions(model, layers, cell, decs)
+                plan = plan_from_decompositions(model, layers, cell, decs, fisher=fisher)
                 candidate = copy.deepcopy(model)
                 report_rows, _ = solve_layers(candidate, layers, stats, plan, cell, device=runtime.device,
                                               decompositions=decs, progress=False)
             errors = [r.rel_error for r in report_rows if r.rank is not None and r.rel_error is not None]
             times["solve_s"] += time.perf_counter() - t
             t = time.perf_counter()
-            metrics = _evaluate(candidate, tokenizer, evals, config, ref_emb)
+            metrics = _evaluate(candidate, tokenizer, evals, config, references, windows)
             times["eval_s"] += time.perf_counter() - t
             removed = achieved({r.name: (r.out_features, r.in_features) for r in report_rows},
                                {r.name: r.rank for r in report_rows})["removed_fraction"]
-            rows.append({"method": method, "ratio": ratio, "removed": removed,
-                         "weighted_err": sum(errors) / len(errors) if errors else float("nan"), **metrics})
+            local[method].append({"method": method, "ratio": ratio, "removed": removed,
+                                  "weighted_err": sum(errors) / len(errors) if errors else float("nan"), **metrics})
             del candidate
             bar.update(1)
     bar.close()
+    mine_all = {"rows": local, "times": times}
+    shared = gather_json(mine_all, what="compare: results") if world_size() > 1 else [mine_all]
+    found = {item: rows for part in shared for item, rows in part["rows"].items()}
+    rows = [row for item in items for row in found[item]]
+    for key in ("solve_s", "eval_s"):  # summed over the ranks (work done), not wall time
+        times[key] = sum(part["times"][key] for part in shared)
     times["total_s"] = time.perf_counter() - t0
     metrics = [k for k in rows[0] if k not in ("method", "ratio", "removed", "weighted_err")]
-    return CompareResult(rows, metrics, times)
+    return CompareResult(rows, metrics, times, {m: metric_label(m, calibration) for m in metrics})
 
 
 def _best(rows: list[dict], metric: str) -> float | None:
@@ -192,8 +255,7 @@ def _best(rows: list[dict], metric: str) -> float | None:
             and math.isfinite(r[metric])]
     if not vals:
         return None
-    kind = "ppl" if metric.startswith("ppl") else ("task" if metric.startswith("task") else metric)
-    return max(vals) if HIGHER_IS_BETTER.get(kind, True) else min(vals)
+    return max(vals) if HIGHER_IS_BETTER.get(metric.partition(":")[0], True) else min(vals)
 
 
 def results_markdown(result: CompareResult) -> str:
@@ -201,11 +263,11 @@ def results_markdown(result: CompareResult) -> str:
     headers, body = result.table()
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     cols = [*result.metrics, "weighted_err"]
+    keys = ["method", "ratio", "removed", *cols]
     for row, cells in zip(result.rows, body, strict=True):
         same_ratio = [r for r in result.rows if r["ratio"] == row["ratio"]]
         out = []
-        for h, v in zip(headers, cells, strict=True):
-            key = "weighted_err" if h == "mean rel. weighted err" else h
+        for key, v in zip(keys, cells, strict=True):
             text = f"{v:.4g}" if isinstance(v, float) else str(v)
             if key in cols and row["method"] != "original" and isinstance(v, float) and v == _best(same_ratio, key):
                 text = f"**{text}**"
@@ -249,7 +311,7 @@ def write_results(result: CompareResult, out_dir: str | Path) -> dict[str, Path]
         if metric.startswith("ppl") or metric == "weighted_err":
             ax.set_yscale("log")
         ax.set_xlabel("ratio of targeted parameters removed")
-        ax.set_title(metric)
+        ax.set_title(result.labels.get(metric, metric), fontsize=9)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "results.png", dpi=120)

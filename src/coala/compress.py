@@ -25,14 +25,18 @@ from tqdm.auto import tqdm
 from .blocks import normalize_batches
 from .compress_report import CompressionReport, LayerReport, peak_memory
 from .config import CalibrationConfig, CompressConfig, OutputConfig, RuntimeConfig
+from .distributed import ensure_joined, failure_guard, sync
+from .distributed_run import distribute, on_main, prepare_run, share_plan, solve_layers_split
 from .errors import CoalaTypeError
 from .layer_solve import decompose_layer, restore_layers, solve_layers
 from .linalg.decomposition import Decomposition
+from .linalg.parallel import parallel_map
 from .linalg.stats import ActivationStats
 from .lowrank import linear_shape, model_device
+from .models import origin_meta
 from .planning import plan_from_decompositions, plan_in_pass
 from .preflight import check_model
-from .resume import INTERRUPT_ENV, SimulatedInterruption, fingerprint, offload_dir, prepare_output
+from .resume import INTERRUPT_ENV, SimulatedInterruption, fingerprint, offload_dir
 from .walker import BlockStep, BlockWalker
 
 
@@ -75,6 +79,7 @@ def calibration_set(model: nn.Module, calibration, data: CalibrationConfig, toke
     return batches, {"source": "batches", "batches": len(batches), "tokens": tokens}
 
 
+@failure_guard()  # in a distributed run, the other ranks learn of an error here instead of waiting for this rank
 def compress(model: nn.Module, calibration="builtin", config: CompressConfig | None = None, *,
              data: CalibrationConfig | None = None, runtime: RuntimeConfig | None = None,
              output: OutputConfig | None = None, tokenizer=None) -> CompressionReport:
@@ -95,15 +100,23 @@ def compress(model: nn.Module, calibration="builtin", config: CompressConfig | N
     and before anything is written; NaN activations raise a ValueError naming the block. The output is written
     atomically and durably; after a failure the in-memory ``model`` may hold the blocks finished so far, and
     their checkpoint lets ``output.resume`` go on (a damaged checkpoint block is recomputed).
+
+    Distributed (docs/design.md §12): started by torchrun (the process group is joined here unless
+    ``coala.distributed.init_from_env`` did it), every rank calls ``compress`` with the same model and arguments;
+    each calibrates on its share of the batches, the statistics are reduced exactly, the solves are shared out,
+    rank 0 writes the output and the checkpoints, and every rank returns the same report and holds the same
+    compressed model.
     """
     config, data = _check(config, CompressConfig, "config"), _check(data, CalibrationConfig, "data")
     runtime, output = _check(runtime, RuntimeConfig, "runtime"), _check(output, OutputConfig, "output")
     t_start = time.perf_counter()
+    ensure_joined(runtime.device or model_device(model))  # started by torchrun: join its process group
     check_model(model, config.targets)
-    ckpt = prepare_output(output)
+    ckpt = prepare_run(output)
     batches, description = calibration_set(model, calibration, data, tokenizer)
+    shard, runtime = distribute(model, batches, description, (config, data), runtime)  # this rank's batches
     model.eval()
-    walker = BlockWalker(model, batches, targets=config.targets, device=runtime.device, progress=runtime.progress,
+    walker = BlockWalker(model, shard, targets=config.targets, device=runtime.device, progress=runtime.progress,
                          offload_dir=offload_dir(runtime.offload_hidden, ckpt))
     params_before = sum(p.numel() for p in model.parameters())
     done, started, plan = 0, False, None
@@ -115,12 +128,12 @@ def compress(model: nn.Module, calibration="builtin", config: CompressConfig | N
         t0 = time.perf_counter()
         forward0 = walker.times["forward"]
         if plan is None:
-            plan = plan_in_pass(walker, config, batches)
+            plan = share_plan(plan_in_pass(walker, config, batches))
         allocation_s = time.perf_counter() - t0 - (walker.times["forward"] - forward0)
         solve0 = walker.times["solve"]
 
         def solve(step: BlockStep) -> BlockResult:
-            rows, state = solve_layers(model, step.layers, step.capture, plan, config, progress=runtime.progress)
+            rows, state = solve_layers_split(model, step.layers, step.capture, plan, config, progress=runtime.progress)
             return BlockResult(state, {"layers": [asdict(r) for r in rows], "plan": plan})
 
         def restore(state: dict[str, Tensor], meta: dict) -> BlockResult:
@@ -139,8 +152,9 @@ def compress(model: nn.Module, calibration="builtin", config: CompressConfig | N
             calibration=description, resumed_blocks=done,
         )
         if output.out_dir:
-            _save(model, config, description, report, output, tokenizer)
-            ckpt.clear()
+            sync("every block finished")
+            on_main(lambda: (_save(model, config, description, report, output, tokenizer), ckpt.clear()),
+                    "write the output")
             report.output = str(output.out_dir)
     except BaseException:
         walker.close()
@@ -171,11 +185,12 @@ def _save(model: nn.Module, config: CompressConfig, description: dict, report: C
             "adaptive_mu": config.adaptive_mu, "propagate": config.resolved_propagate,
             "allocation": allocation_meta(config),
             "targets": config.targets, "stats_dtype": config.stats_dtype, "calibration": description,
-            "totals": report.totals(), "base_model": getattr(getattr(model, "config", None), "_name_or_path", None)}
+            "totals": report.totals(), **origin_meta(model)}
     save_compressed(model, output.out_dir, meta=json.loads(json.dumps(meta)), tokenizer=tokenizer,
                     max_shard_size=output.max_shard_size, overwrite=output.overwrite)
 
 
+@failure_guard()
 def collect_statistics(model: nn.Module, calibration="builtin", config: CompressConfig | None = None, *,
                        methods: list[str] | None = None, data: CalibrationConfig | None = None,
                        runtime: RuntimeConfig | None = None, tokenizer=None) -> dict[str, ActivationStats]:
@@ -183,12 +198,15 @@ def collect_statistics(model: nn.Module, calibration="builtin", config: Compress
 
     Statistics kinds: the union of the needs of ``methods`` (default ``[config.method]``) plus R when
     ``config.error_stats``. Layers fed the same input map to the very same ``ActivationStats`` object.
-    Statistics are moved to the CPU after each block. The model is not modified.
+    Statistics are moved to the CPU after each block. The model is not modified. In a distributed run each rank
+    streams its shard of the batches and every rank returns the statistics of all of them (docs/design.md §12).
     """
     config, data = _check(config, CompressConfig, "config"), _check(data, CalibrationConfig, "data")
     runtime = _check(runtime, RuntimeConfig, "runtime")
+    ensure_joined(runtime.device or model_device(model))
     check_model(model, config.targets)
-    batches, _ = calibration_set(model, calibration, data, tokenizer)
+    batches, description = calibration_set(model, calibration, data, tokenizer)
+    batches, runtime = distribute(model, batches, description, (config, data), runtime)  # this rank's batches
     model.eval()
     walker = BlockWalker(model, batches, targets=config.targets, device=runtime.device, progress=runtime.progress,
                          offload_dir=offload_dir(runtime.offload_hidden, None))
@@ -213,27 +231,36 @@ def decompose_layers(model: nn.Module, stats: dict[str, ActivationStats], config
     memory: ≈ 3 × the weights."""
     config = _check(config, CompressConfig, "config")
     dev = torch.device(device) if device is not None else None
-    with torch.no_grad():
-        return {name: decompose_layer(model.get_submodule(name), stats[name], config, name, dev)
-                for name in tqdm(stats, desc=f"decompose ({config.method})", disable=not progress, leave=False)}
+    bar = tqdm(total=len(stats), desc=f"decompose ({config.method})", disable=not progress, leave=False)
+
+    def one(name: str) -> Decomposition:
+        dec = decompose_layer(model.get_submodule(name), stats[name], config, name, dev)
+        bar.update(1)
+        return dec
+
+    with torch.no_grad(), bar:  # the matrices side by side, one thread each (docs/design.md §11)
+        return dict(zip(stats, parallel_map(one, list(stats)), strict=True))
 
 
 def apply_low_rank(model: nn.Module, stats: dict[str, ActivationStats], config: CompressConfig | None = None, *,
                    device: str | None = None, progress: bool = True,
-                   decompositions: dict[str, Decomposition] | None = None) -> CompressionReport:
+                   decompositions: dict[str, Decomposition] | None = None,
+                   batches: list[dict[str, Tensor]] | None = None) -> CompressionReport:
     """Replace every layer named in ``stats`` (from ``collect_statistics``) by its low-rank version, in place.
 
     Ranks: ``config``'s allocation (evidence measured on these statistics; "sensitivity" needs ``compress``) or
     its forced rank. Each weight is solved on ``device`` (default: where the layer is). Deep-copy the model first
     to try several methods / ratios on the same statistics; pass ``decompositions`` (from ``decompose_layers``
-    with the same method and μ, on the uncompressed weights) to reuse one SVD per layer.
+    with the same method and μ, on the uncompressed weights) to reuse one SVD per layer. ``batches``: calibration
+    batches for an allocation that runs the model ("fisher", COALA's default; a ValueError says so without them).
     """
     config = _check(config, CompressConfig, "config")
     t0 = time.perf_counter()
     layers = {name: model.get_submodule(name) for name in stats}
     params_before = sum(p.numel() for p in model.parameters())
     with torch.no_grad():
-        plan = plan_from_decompositions(model, layers, config, decompositions, stats)
+        plan = plan_from_decompositions(model, layers, config, decompositions, stats,
+                                        batches=normalize_batches(batches) if batches is not None else None)
         rows, _ = solve_layers(model, layers, stats, plan, config, device=device, decompositions=decompositions,
                                progress=progress)
     return CompressionReport(

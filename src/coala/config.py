@@ -146,7 +146,8 @@ class CompressConfig:
         "svd-llm-v2, or sensitivity (each matrix probed alone on the whole model's output: 4 forward passes of the "
         "whole model per matrix, run where the model is loaded; slower, better)",
         choices=lambda: ["auto", *allocation_names()])
-    sensitivity_samples: int = option(64, "calibration samples the sensitivity probes run", parse=int)
+    sensitivity_samples: int = option(64, "calibration samples the sensitivity probes and the Fisher pass run",
+                                      parse=int)
     probe_ratios: tuple[float, ...] = option(PROBE_RATIOS, "ratios at which the sensitivity probes truncate",
                                               parse=csv_floats)
     stats_dtype: str = option("float32", "accumulation dtype of the statistics", choices=lambda: ACCUMULATION_DTYPES)

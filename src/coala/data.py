@@ -1,17 +1,14 @@
-"""Text sources for calibration and evaluation.
+"""Text sources for calibration and evaluation (docs/design.md §8).
 
-``builtin`` is an offline corpus made of text that ships with Python itself: the pydoc topic pages
-(``pydoc_data.topics``) and the docstrings of a fixed list of standard-library modules. It is split
-deterministically: every fifth pydoc topic (sorted by name) is held out for evaluation ("test"); the rest
-plus the docstrings form "train" (a topic page identical to a held-out one is left out of "train").
+Named sources: the built-in offline texts of ``coala.corpus`` — ``builtin`` (the calibration mix: Python's
+documentation and general-English prose, half of the samples from each), ``docs``, ``prose`` and ``english``
+(the evaluation text, written separately: out of domain) —, and ``wikitext2`` / ``c4`` through ``datasets``.
+A path is a local .txt / .jsonl file (``coala.textfile.read_file``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
-import inspect
-import json
 import os
 import random
 import re
@@ -21,65 +18,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .errors import CoalaError, CoalaFileError, CoalaFileNotFoundError, CoalaTypeError
+from .corpus import BUILTIN_PARTS, CORPORA, builtin_parts, builtin_sentences, builtin_texts, corpus_texts, snippets
+from .errors import CoalaTypeError
+from .textfile import read_file
 
-_DOC_MODULES = (
-    "argparse", "asyncio", "collections", "csv", "dataclasses", "datetime", "decimal", "email", "enum",
-    "fractions", "functools", "http.client", "inspect", "io", "itertools", "json", "logging", "math",
-    "os", "pathlib", "pickle", "random", "re", "shutil", "socket", "sqlite3", "statistics", "string",
-    "subprocess", "tarfile", "textwrap", "threading", "typing", "unittest", "urllib.parse", "zipfile",
-)
-
-
-def _pydoc_topics() -> list[tuple[str, str]]:
-    from pydoc_data.topics import topics
-
-    return sorted(topics.items())
-
-
-def _module_docstrings() -> list[str]:
-    texts = []
-    for mod_name in _DOC_MODULES:
-        mod = importlib.import_module(mod_name)
-        doc = inspect.getdoc(mod)
-        if doc:
-            texts.append(doc)
-        for attr in sorted(getattr(mod, "__all__", None) or dir(mod)):
-            if attr.startswith("_"):
-                continue
-            obj = getattr(mod, attr, None)
-            if inspect.isclass(obj) or inspect.isfunction(obj):
-                doc = inspect.getdoc(obj)
-                if doc and len(doc) > 200:
-                    texts.append(doc)
-    return texts
-
-
-def builtin_texts(split: str = "train") -> list[str]:
-    """Documents of the built-in offline corpus; ``split`` is "train" (calibration) or "test" (held out)."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    topics = _pydoc_topics()
-    test = [text for i, (_, text) in enumerate(topics) if i % 5 == 0]
-    if split == "test":
-        return test
-    held_out = set(test)  # some topics share one page ("if" / "else"): keep held-out text out of train
-    return [text for i, (_, text) in enumerate(topics) if i % 5 != 0 and text not in held_out] + _module_docstrings()
-
-
-def builtin_sentences(split: str = "train", min_chars: int = 40, max_chars: int = 400) -> list[str]:
-    """Paragraph-sized snippets of the built-in corpus (for sentence encoders), in a fixed order."""
-    out = []
-    for doc in builtin_texts(split):
-        for para in doc.split("\n\n"):
-            para = " ".join(para.split())
-            if min_chars <= len(para) <= max_chars:
-                out.append(para)
-    return out
+__all__ = ["SOURCES", "CalibrationSet", "builtin_sentences", "builtin_texts", "calibration_batches",
+           "describe_source", "domain_label", "evaluation_sentences", "load_texts"]
 
 
 # ---------------------------------------------------------------------------------------------- calibration
-SOURCES = ("builtin", "wikitext2", "c4")
+SOURCES = (*CORPORA, "wikitext2", "c4")
+"""Named calibration / evaluation sources (anything else is a file path)."""
 _C4_FILE = "en/c4-train.00000-of-01024.json.gz"  # the shard GPTQ and SVD-LLM calibrate on
 
 
@@ -128,74 +77,71 @@ def _load_hub(source: str, split: str) -> list[str]:
     return list(data["text"])
 
 
-def _decode(path: Path, data: bytes) -> str:
-    """UTF-8 text of a file (a BOM is dropped); CoalaFileError naming the file, line and byte otherwise."""
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        raise CoalaFileError(
-            f"calibration file {str(path)!r} is not UTF-8 text: byte 0x{data[err.start]:02x} at offset {err.start} "
-            f"(line {line}) cannot be decoded; convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)",
-            path=path) from None
-
-
-def _read_file(path: Path) -> list[str]:
-    """Documents of a local file: .jsonl (one object per line, field "text") or text (.txt, .text, .md, no
-    suffix): paragraphs separated by blank lines, or, in a file without any blank line, one document per line
-    (a file of one sentence per line is read as one sentence per line)."""
-    if path.is_dir():
-        raise CoalaFileError(f"calibration file {str(path)!r} is a folder; expected a .txt or .jsonl file", path=path)
-    if not path.is_file():
-        raise CoalaFileNotFoundError(f"calibration file {str(path)!r} does not exist", path=path)
-    if path.suffix not in (".jsonl", ".txt", ".text", ".md", ""):
-        raise CoalaError(f"calibration file {str(path)!r}: expected a .txt or .jsonl file, got {path.suffix!r}",
-                         path=path)
-    try:
-        raw = _decode(path, path.read_bytes())
-    except OSError as err:
-        if isinstance(err, CoalaError):
-            raise
-        raise CoalaFileError(f"calibration file {str(path)!r} cannot be read: {err.strerror or err}",
-                             path=path) from err
-    if path.suffix == ".jsonl":
-        docs = []
-        for lineno, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise CoalaError(f"{path}:{lineno}: not valid JSON ({err.msg})", path=path) from err
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise CoalaError(f"{path}:{lineno}: expected a JSON object with a string field 'text'", path=path)
-            docs.append(obj["text"])
-    else:  # paragraphs separated by blank lines; no blank line anywhere: one document per line
-        docs = re.split(r"\n\s*\n", raw.strip())
-        if len(docs) == 1:
-            docs = raw.splitlines()
-    docs = [d.strip() for d in docs if d.strip()]
-    if not docs:
-        raise CoalaError(f"calibration file {str(path)!r} contains no text", path=path)
-    return docs
-
-
 def load_texts(source: str | os.PathLike, split: str = "train") -> list[str]:
-    """Documents of a calibration/evaluation source: "builtin", "wikitext2", "c4" or a .txt / .jsonl path."""
+    """Documents of a calibration/evaluation source: a built-in text ("builtin", "docs", "prose", "english"; see
+    ``coala.corpus``), "wikitext2", "c4", or a .txt / .jsonl path (a file has no split: all of it)."""
     if isinstance(source, str) and source in SOURCES:
-        if source == "builtin":
-            return builtin_texts(split)
+        if source in CORPORA:
+            return corpus_texts(source, split)
         return _load_hub(source, split)
     if not isinstance(source, (str, os.PathLike)):
         raise CoalaTypeError(f"calibration source must be a name or a path, got {type(source).__name__}",
                              argument="source")
-    return _read_file(Path(source))
+    return read_file(Path(source))
+
+
+def _calibration_parts(source: str | os.PathLike) -> list[list[str]]:
+    """The calibration documents of ``source`` by part: ``builtin`` has two (docs, prose; half of the samples
+    come from each), every other source one."""
+    if isinstance(source, str) and source == "builtin":
+        return builtin_parts("train")
+    return [load_texts(source)]
+
+
+def evaluation_sentences(source: str | os.PathLike) -> list[str]:
+    """Sentences for embedding fidelity: the sentence-sized ``coala.corpus.snippets`` of a named source's test
+    split ("english": the out-of-domain evaluation text; "builtin": the held-out part of the calibration mix),
+    or a file's documents as they are (its paragraphs, or its lines when it has no blank line)."""
+    if isinstance(source, str) and source in SOURCES:
+        return snippets(load_texts(source, "test"))
+    return load_texts(source)
+
+
+def _identity(source) -> str | None:
+    """A source's name, or a file's SHA-256 (None for in-memory texts); ``source`` may be a ``describe_source``
+    dict."""
+    if isinstance(source, dict):
+        name = source.get("source")
+        return source.get("sha256") if name == "file" else (name if name in SOURCES else None)
+    if isinstance(source, str) and source in SOURCES:
+        return source
+    path = Path(source) if isinstance(source, (str, os.PathLike)) else None
+    return describe_source(path).get("sha256") if path is not None and path.is_file() else None
+
+
+def domain_label(evaluation: str | os.PathLike, calibration: str | os.PathLike | dict | None = "builtin") -> str:
+    """How evaluation text relates to the calibration text (docs/design.md §8): "in domain, held out" (the test
+    split of the calibration source, or of a part of the ``builtin`` mix), "partly in domain, held out" (the mix
+    evaluated after calibrating on one of its parts), "calibration text" (the very same file), or "out of domain"
+    (another source), or "relation to calibration unknown" (calibrated on in-memory texts). ``calibration``: a
+    source, or the ``description`` of a ``CalibrationSet`` (coala.json's "calibration"); None is treated as the
+    default "builtin"."""
+    calib, ev = _identity(calibration if calibration is not None else "builtin"), _identity(evaluation)
+    if calib is None:  # in-memory calibration texts
+        return "relation to calibration unknown"
+    if calib == ev:
+        return "in domain, held out" if ev in SOURCES else "calibration text"
+    if calib == "builtin" and ev in BUILTIN_PARTS:
+        return "in domain, held out"
+    if ev == "builtin" and calib in BUILTIN_PARTS:
+        return "partly in domain, held out"
+    return "out of domain"
 
 
 def describe_source(source: str | os.PathLike) -> dict:
-    """JSON-safe identity of a source: its name, or a file's path, size and SHA-256."""
+    """JSON-safe identity of a source: its name (for ``builtin``, its parts), or a file's path, size and SHA-256."""
     if isinstance(source, str) and source in SOURCES:
-        return {"source": source}
+        return {"source": source, **({"parts": list(BUILTIN_PARTS)} if source == "builtin" else {})}
     path = Path(source)
     digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
     return {"source": "file", "path": str(path), "sha256": digest}
@@ -274,21 +220,37 @@ def _c4_windows(texts: list[str], tokenizer, nsamples: int, seqlen: int, rng: ra
     return out
 
 
-def _sentences(
-    texts: list[str], tokenizer, nsamples: int, seqlen: int, rng: random.Random, where: str
-) -> list[list[int]]:
-    """Paragraphs (blank-line separated, ≥ 40 characters), sampled without replacement, tokenized with the
-    model's special tokens ([CLS] … [SEP]) and truncated to seqlen; sorted by length to limit padding."""
+def _paragraphs_of(texts: list[str]) -> list[str]:
+    """Paragraphs (blank-line separated, whitespace collapsed) of at least 40 characters."""
     paras = [" ".join(p.split()) for doc in texts for p in re.split(r"\n\s*\n", doc)]
-    paras = [p for p in paras if len(p) >= 40]
+    return [p for p in paras if len(p) >= 40]
+
+
+def _sentences(
+    paras: list[str], tokenizer, nsamples: int, seqlen: int, rng: random.Random, where: str
+) -> list[list[int]]:
+    """``nsamples`` of the paragraphs, sampled without replacement, tokenized with the model's special tokens
+    ([CLS] … [SEP]) and truncated to seqlen."""
     if len(paras) < nsamples:
         raise ValueError(
             f"calibration source {where} has {len(paras)} paragraphs of at least 40 characters, "
             f"fewer than nsamples={nsamples}"
         )
     chosen = rng.sample(paras, nsamples)
-    rows = [tokenizer(p, truncation=True, max_length=seqlen, verbose=False)["input_ids"] for p in chosen]
-    return sorted(rows, key=len)
+    return [tokenizer(p, truncation=True, max_length=seqlen, verbose=False)["input_ids"] for p in chosen]
+
+
+def _shares(nsamples: int, available: list[int] | None, parts: int) -> list[int]:
+    """``nsamples`` split evenly over ``parts`` (the first parts take the remainder); with ``available`` (what
+    each part holds), a part's shortfall goes to the others."""
+    shares = [nsamples // parts + (i < nsamples % parts) for i in range(parts)]
+    if available is None or sum(available) < nsamples:
+        return shares
+    shares = [min(s, a) for s, a in zip(shares, available, strict=True)]
+    for i in range(parts):
+        extra = min(nsamples - sum(shares), available[i] - shares[i])
+        shares[i] += extra
+    return shares
 
 
 def _documents(texts: list[str], tokenizer, nsamples: int | None, seqlen: int, where: str) -> list[list[int]]:
@@ -321,15 +283,17 @@ def calibration_batches(
     """Tokenized calibration batches from a source (deterministic for a fixed seed).
 
     Args:
-        source: "builtin" (offline), "wikitext2", "c4" (through ``datasets``), a .txt / .jsonl path, or a
-            list of documents.
+        source: a built-in text ("builtin", the default calibration mix: half of the samples from Python's
+            documentation, half from the general-English prose; "docs"; "prose"), "wikitext2", "c4" (through
+            ``datasets``), a .txt / .jsonl path, or a list of documents.
         tokenizer: a Hugging Face tokenizer.
         nsamples, seqlen: number of samples and their length in tokens (``seqlen`` is clamped to
             ``max_positions``, the model's ``max_position_embeddings``, when given). In "documents" mode
             ``nsamples`` caps the windows taken (None: all of them).
         mode: "windows" (decoder LMs: random windows of exactly seqlen tokens of the joined corpus, with BOS
             first when the tokenizer adds one; c4 follows GPTQ's per-document recipe), "sentences"
-            (encoders: one paragraph per sample with the tokenizer's special tokens, padded per batch) or
+            (encoders: one paragraph of ≥ 40 characters per sample, with the tokenizer's special tokens, sorted by
+            length and padded per batch; a part of ``builtin`` short of paragraphs leaves its share to the other) or
             "documents" (no sampling, ``seed`` unused: every document in order, tokenized with the special
             tokens and cut into consecutive windows of at most seqlen tokens, windows under 2 tokens dropped).
         batch_size: samples per batch; default None: as many as fit in ``batch_tokens`` padded tokens (at least
@@ -352,20 +316,35 @@ def calibration_batches(
     if max_positions is not None:
         seqlen = min(seqlen, int(max_positions))
     if isinstance(source, list):
-        texts, desc, where = source, {"source": "texts", "documents": len(source)}, "(list of texts)"
-        if not any(t.strip() for t in texts):
+        parts, desc, where = [source], {"source": "texts", "documents": len(source)}, "(list of texts)"
+        if not any(t.strip() for t in source):
             raise ValueError("calibration texts are empty")
     else:
-        texts, desc, where = load_texts(source), describe_source(source), repr(str(source))
+        parts, desc, where = _calibration_parts(source), describe_source(source), repr(str(source))
+    names = list(BUILTIN_PARTS) if len(parts) > 1 else [None]
     rng = random.Random(seed)
-    if mode == "documents":
-        rows = _documents(texts, tokenizer, nsamples, seqlen, where)
-    elif mode == "sentences":
-        rows = _sentences(texts, tokenizer, nsamples, seqlen, rng, where)
-    elif source == "c4":
-        rows = _c4_windows(texts, tokenizer, nsamples, seqlen, rng)
-    else:
-        rows = _windows(texts, tokenizer, nsamples, seqlen, rng, where)
+    if mode == "sentences":
+        parts = [_paragraphs_of(texts) for texts in parts]
+    shares = (None if nsamples is None
+              else _shares(nsamples, [len(p) for p in parts] if mode == "sentences" else None, len(parts)))
+    rows: list[list[int]] = []
+    for i, (texts, name) in enumerate(zip(parts, names, strict=True)):
+        n = None if shares is None else shares[i]
+        here = where if name is None else f"{where} (part {name!r})"
+        if n == 0:
+            continue
+        if mode == "documents":
+            rows += _documents(texts, tokenizer, n, seqlen, here)
+        elif mode == "sentences":
+            rows += _sentences(texts, tokenizer, n, seqlen, rng, where if len(parts) == 1 else f"{where} (all parts)")
+        elif source == "c4":
+            rows += _c4_windows(texts, tokenizer, n, seqlen, rng)
+        else:
+            rows += _windows(texts, tokenizer, n, seqlen, rng, here)
+    if mode == "sentences":
+        rows = sorted(rows, key=len)  # to limit padding
+    if len(parts) > 1 and shares is not None:
+        desc["samples_per_part"] = dict(zip(names, shares, strict=True))
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
     if pad_id is None:

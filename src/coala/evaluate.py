@@ -13,6 +13,7 @@ embedding fidelity for encoders.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -45,51 +46,108 @@ class PerplexityResult:
     windows: int
     seqlen: int
     dtype: str
+    seconds: float = 0.0  # wall time of the forward passes and losses
+    tokens_per_s: float = 0.0  # window tokens scored per second (windows · seqlen / seconds)
+    batch_size: int = 1  # windows per forward pass
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class PerplexityWindows:
+    """The windows of one text source, tokenized and cut once: ``ids`` (windows × seqlen, int64, CPU). One object
+    serves every model scored on the same text (``coala compare`` scores each of its models on the same windows)."""
+
+    ids: Tensor
+    source: str
+
+    @property
+    def seqlen(self) -> int:
+        return int(self.ids.shape[1])
+
+    @property
+    def windows(self) -> int:
+        return int(self.ids.shape[0])
+
+
 def _token_stream(tokenizer, texts: Sequence[str]) -> Tensor:
-    """All texts joined with "\\n\\n" and tokenized once: (1, T) int64."""
+    """All texts joined with "\n\n" and tokenized once: (1, T) int64."""
     joined = "\n\n".join(texts)
     enc = tokenizer(joined, return_tensors="pt", add_special_tokens=False, verbose=False)
     return enc["input_ids"]
+
+
+def perplexity_windows(tokenizer, texts: Sequence[str], seqlen: int, source: str = "text") -> PerplexityWindows:
+    """Join ``texts`` with "\\n\\n", tokenize once, cut ⌊T/seqlen⌋ non-overlapping windows (remainder dropped)."""
+    if seqlen < 2:
+        raise ValueError(f"seqlen must be >= 2, got {seqlen}")
+    ids = _token_stream(tokenizer, texts)
+    windows = ids.shape[1] // seqlen
+    if windows == 0:
+        raise ValueError(f"{source}: {ids.shape[1]} tokens are fewer than one window of seqlen={seqlen}")
+    return PerplexityWindows(ids[0, : windows * seqlen].reshape(windows, seqlen).clone(), source)
+
+
+LOGITS_BYTES_CPU = 512 * 2**20  # float32 logits held at once on the CPU by the automatic perplexity batch
+
+
+def auto_batch_size(model: nn.Module, seqlen: int) -> int:
+    """Windows per forward for ``perplexity``: as many as keep the float32 logits (batch × seqlen × vocab) within
+    512 MiB on the CPU, or within a quarter of the free memory on a CUDA device (at least 1, at most 64).
+
+    On the CPU one window of a few hundred tokens already keeps every core busy, so larger batches gain little;
+    the budget bounds the memory. On a GPU, throughput grows with the batch until the memory is used.
+    """
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    device = model_device(model)
+    budget = LOGITS_BYTES_CPU
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = free // 4
+    return max(1, min(64, budget // (4 * vocab * seqlen)))
 
 
 @torch.no_grad()
 def perplexity(
     model: nn.Module,
     tokenizer,
-    texts: Sequence[str],
+    texts: Sequence[str] | PerplexityWindows,
     *,
     seqlen: int = 2048,
-    batch_size: int = 1,
+    batch_size: int | None = None,
     source: str = "text",
     progress: bool = True,
 ) -> PerplexityResult:
-    """Perplexity of a causal LM on ``texts`` (GPTQ / SVD-LLM protocol). Returns ppl, mean NLL and counts."""
+    """Perplexity of a causal LM on ``texts`` (GPTQ / SVD-LLM protocol). Returns ppl, mean NLL, counts and speed.
+
+    ``texts``: documents, or ``PerplexityWindows`` cut before (then ``seqlen`` and ``source`` are theirs).
+    ``batch_size``: windows per forward (None: ``auto_batch_size``); it does not change the result beyond rounding.
+    KV caches are off.
+    """
     if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
         raise TypeError(f"{type(model).__name__} has no language-model head: perplexity needs a causal LM")
-    if seqlen < 2:
-        raise ValueError(f"seqlen must be >= 2, got {seqlen}")
+    if not isinstance(texts, PerplexityWindows):
+        texts = perplexity_windows(tokenizer, texts, seqlen, source)
+    ids, seqlen, source, windows = texts.ids, texts.seqlen, texts.source, texts.windows
+    if batch_size is None:
+        batch_size = auto_batch_size(model, seqlen)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    ids = _token_stream(tokenizer, texts)
-    windows = ids.shape[1] // seqlen
-    if windows == 0:
-        raise ValueError(f"{source}: {ids.shape[1]} tokens are fewer than one window of seqlen={seqlen}")
-    ids = ids[:, : windows * seqlen].reshape(windows, seqlen)
     device = model_device(model)
     model.eval()
     total = torch.zeros((), dtype=torch.float64)
     count = 0
     starts = range(0, windows, batch_size)
+    t0 = time.perf_counter()
     for start in tqdm(starts, desc=f"ppl {source}", disable=not progress, unit="batch"):
         batch = ids[start : start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
+        logits = model(input_ids=batch, use_cache=False).logits
+        targets = torch.full_like(batch, -100)  # the last position predicts nothing: ignored, no sliced copy
+        targets[:, :-1] = batch[:, 1:]
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
         per_window = nll.reshape(batch.shape[0], -1).sum(1)
+        del logits
         bad = ~torch.isfinite(per_window)
         if bad.any():
             w = start + int(bad.nonzero()[0, 0])
@@ -98,10 +156,12 @@ def perplexity(
                 "the model produced NaN/Inf logits there"
             )
         total += per_window.double().sum().cpu()
-        count += nll.numel()
+        count += batch.shape[0] * (seqlen - 1)
+    seconds = time.perf_counter() - t0
     mean_nll = float(total / count)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    return PerplexityResult(source, math.exp(mean_nll), mean_nll, count, windows, seqlen, dtype)
+    return PerplexityResult(source, math.exp(mean_nll), mean_nll, count, windows, seqlen, dtype, seconds,
+                            windows * seqlen / seconds if seconds > 0 else float("inf"), batch_size)
 
 
 def lm_eval_tasks(

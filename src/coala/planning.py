@@ -19,11 +19,12 @@ from torch import Tensor, nn
 
 from .allocate import get_allocation
 from .config import CompressConfig
+from .fisher import gradient_scales
 from .layer_solve import add_evidence, decompose_layer, forced_ranks, new_evidence, stats_for
 from .linalg.decomposition import Decomposition
 from .linalg.methods import get_method
 from .lowrank import linear_shape
-from .sensitivity import Probe
+from .sensitivity import Probe, first_samples
 from .walker import BlockStep, BlockWalker
 
 Plan = dict[str, int | None]
@@ -41,6 +42,9 @@ def plan_in_pass(walker: BlockWalker, config: CompressConfig, batches: Sequence[
     if allocation.needs:
         probe = (Probe.build(walker.model, batches, config.sensitivity_samples, config.probe_ratios)
                  if "sensitivity" in allocation.needs else None)
+        if "fisher" in allocation.needs:
+            all_layers = {name: m for layers in walker.layers for name, m in layers.items()}
+            add_fisher(evidence, walker.model, all_layers, batches, config)
 
         def solve(step: BlockStep) -> dict[str, Decomposition]:
             return {name: decompose_layer(module, stats_for(step.capture, name), config, name)
@@ -62,6 +66,8 @@ def plan_from_decompositions(
     decompositions: Mapping[str, Decomposition] | None = None,
     stats: Mapping | None = None,
     probe: Probe | None = None,
+    batches: Sequence[dict[str, Tensor]] | None = None,
+    fisher: Mapping[str, float] | None = None,
 ) -> Plan:
     """The plan for ``layers`` (full name → module of the original ``model``) from ready ``decompositions`` (or
     ones computed here from ``stats`` when the allocation needs them). Sensitivity needs a ``probe``."""
@@ -74,9 +80,27 @@ def plan_from_decompositions(
         if "sensitivity" in allocation.needs and probe is None:
             raise ValueError(f"allocation {allocation.name!r} probes the model on calibration samples: use "
                              "coala.compress (or pass a sensitivity.Probe)")
+        if "fisher" in allocation.needs and fisher is not None:
+            for name in layers:
+                evidence[name].fisher = fisher[name]
+        elif "fisher" in allocation.needs:
+            if batches is None:
+                raise ValueError(f"allocation {allocation.name!r} runs a backward pass on calibration samples: pass "
+                                 "the calibration batches (apply_low_rank(..., batches=)), use coala.compress, or "
+                                 "choose allocation='uniform'")
+            add_fisher(evidence, model, layers, batches, config)
         decs = dict(decompositions or {})
         for name, module in layers.items():
             if name not in decs:
                 decs[name] = decompose_layer(module, stats_for(stats, name), config, name)
         add_evidence(evidence, decs, allocation.needs, model=model, layers=layers, probe=probe)
     return allocation.allocate(evidence, float(config.ratio))
+
+
+def add_fisher(evidence: dict, model: nn.Module, layers: Mapping[str, nn.Module],
+               batches: Sequence[dict[str, Tensor]], config: CompressConfig) -> None:
+    """Fill ``evidence[name].fisher`` from one forward + backward of the ORIGINAL ``model`` on the first
+    ``config.sensitivity_samples`` calibration samples (``coala.fisher.gradient_scales``)."""
+    scales = gradient_scales(model, layers, first_samples(batches, config.sensitivity_samples))
+    for name, c in scales.items():
+        evidence[name].fisher = c

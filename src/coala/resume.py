@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .checkpoint import BlockCheckpoint
+from .distributed import rank, world_size
 from .io import OutputExistsError
 from .preflight import check_output_location
 from .version import __version__
@@ -82,11 +83,12 @@ def prepare_output(config: OutputConfig) -> BlockCheckpoint | None:
 
 
 def offload_dir(offload: bool, ckpt: BlockCheckpoint | None) -> str | None:
-    """Where offloaded hidden states go: ``work_dir/hidden`` when checkpointing, else a new temporary folder."""
+    """Where offloaded hidden states go: ``work_dir/hidden`` when checkpointing (``hidden-rank<k>`` for rank k of
+    a distributed run), else a new temporary folder."""
     if not offload:
         return None
     if ckpt is not None:
-        return str(ckpt.work_dir / "hidden")
+        return str(ckpt.work_dir / ("hidden" if world_size() == 1 else f"hidden-rank{rank()}"))
     import tempfile
 
     return tempfile.mkdtemp(prefix="coala-hidden-")

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .allocate import LayerEvidence, rank_for_ratio, register_allocation
+from .allocate import LayerEvidence, RankOptions, lagrangian_ranks, rank_for_ratio, register_allocation
 from .blocks import no_kv_cache
 from .evaluate import mean_pool
 from .linalg.decomposition import Decomposition
@@ -182,72 +182,22 @@ def measure(
     return curves
 
 
-def _params(shape: tuple[int, int], rank: int | None) -> int:
-    m, n = shape
-    return m * n if rank is None else rank * (m + n)
-
-
 def allocate(curves: Mapping[str, SensitivityCurve], ratio: float, shapes: Mapping[str, tuple[int, int]]
              ) -> dict[str, int | None]:
     """Ranks (None = dense) for every layer of ``shapes`` removing at least ``ratio`` of their parameters
-    while minimising the summed interpolated output change. Layers without a curve stay dense.
-
-    Lagrangian relaxation: for a multiplier λ every layer takes the option (dense or a rank between its deepest
-    probe and the largest rank that saves parameters) minimising change + λ·params; λ is bisected to the
-    smallest value whose plan fits the budget.
-    """
-    budget = (1.0 - ratio) * sum(m * n for m, n in shapes.values())
-    fixed = sum(_params(shapes[name], None) for name in shapes if name not in curves)
+    while minimising the summed interpolated output change (``coala.allocate.lagrangian_ranks``). A layer may
+    take dense or any rank between its deepest probe and the largest rank that saves parameters; layers without
+    a curve stay dense."""
     options = {}
     for name, c in curves.items():
         m, n = c.shape
         ranks = [None, *range(c.min_rank, (m * n - 1) // (m + n) + 1)]
-        change = torch.tensor([c.change(r) for r in ranks], dtype=torch.float64)
-        params = torch.tensor([_params(c.shape, r) for r in ranks], dtype=torch.float64)
-        options[name] = (ranks, change, params)
-
-    def pick(lam: float) -> tuple[dict[str, int | None], float]:
-        plan, used = {}, float(fixed)
-        for name, (ranks, change, params) in options.items():
-            k = int(torch.argmin(change + lam * params))
-            plan[name], used = ranks[k], used + float(params[k])
-        return plan, used
-
-    lo, hi = 0.0, 1e-12
-    while pick(hi)[1] > budget:
-        lo, hi = hi, hi * 4
-        if hi > 1e30:
-            raise ValueError(f"ratio {ratio} cannot be reached within the probed ranks; lower the ratio or "
-                             "probe deeper ratios")
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if pick(mid)[1] > budget else (lo, mid)
-    plan, used = pick(hi)
-    _spend_leftover(plan, options, budget - used)
-    return {name: plan.get(name) for name in shapes}
-
-
-def _spend_leftover(plan: dict, options: dict, left: float) -> None:
-    """Raise ranks in place while parameters are left in the budget, best change reduction per parameter first
-    (λ moves the plan in steps; without this, flat curves would remove more than asked)."""
-    index = {name: opts[0].index(plan[name]) for name, opts in options.items()}
-    while True:
-        best = None
-        for name, (_, change, params) in options.items():
-            k = index[name]
-            extra = params - params[k]
-            fits = (extra > 0) & (extra <= left)
-            if fits.any():
-                gains = torch.where(fits, (change[k] - change) / extra.clamp_min(1.0), -torch.inf)
-                j = int(torch.argmax(gains))
-                if best is None or float(gains[j]) > best[0]:
-                    best = (float(gains[j]), name, j)
-        if best is None:
-            return
-        _, name, j = best
-        ranks, _, params = options[name]
-        left -= float(params[j] - params[index[name]])
-        index[name], plan[name] = j, ranks[j]
+        cost = torch.tensor([c.change(r) for r in ranks], dtype=torch.float64)
+        options[name] = RankOptions(c.shape, ranks, cost)
+    try:
+        return lagrangian_ranks(options, shapes, ratio)
+    except ValueError as err:
+        raise ValueError(f"{err} (or probe deeper ratios)") from err
 
 
 @register_allocation("sensitivity", needs=("sensitivity",))

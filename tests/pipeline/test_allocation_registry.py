@@ -73,5 +73,6 @@ def test_builtins_by_hand():
     v2 = get_allocation("svd-llm-v2").allocate(evidence, 0.5)
     assert v2["a.1.q"] > 16 > v2["a.0.q"]
     assert CompressConfig(method="svd-llm-v2").resolved_allocation == "svd-llm-v2"
-    assert CompressConfig(method="coala").resolved_allocation == "uniform"
+    assert CompressConfig(method="coala").resolved_allocation == "fisher"
+    assert CompressConfig(method="svd-llm").resolved_allocation == "uniform"
     assert CompressConfig(method="svd-llm-v2", rank=4).resolved_allocation == "uniform"  # forced ranks

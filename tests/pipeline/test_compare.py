@@ -10,7 +10,7 @@ import torch
 
 from _tiny_models import tiny_llama_lm
 from coala.compare import CompareConfig, compare, results_markdown, write_results
-from coala.compress import apply_low_rank, collect_statistics, decompose_layers
+from coala.compress import apply_low_rank, calibration_set, collect_statistics, decompose_layers
 from coala.config import CalibrationConfig, CompressConfig, RuntimeConfig
 
 
@@ -63,17 +63,18 @@ def test_compare_runs_one_calibration_pass_and_writes_table(tiny_llama, tokenize
 
 def test_one_decomposition_gives_the_same_layers_as_a_per_ratio_solve(tiny_llama, tokenizer):
     data = CalibrationConfig(nsamples=8, seqlen=64)
-    stats = collect_statistics(tiny_llama, "builtin", methods=["coala", "svd-llm-v2"], data=data, runtime=QUIET,
-                               tokenizer=tokenizer)
+    batches, _ = calibration_set(tiny_llama, "builtin", data, tokenizer)
+    stats = collect_statistics(tiny_llama, batches, methods=["coala", "svd-llm-v2"], runtime=QUIET)
     for method in ("coala", "svd-llm-v2"):
         decs = decompose_layers(tiny_llama, stats, CompressConfig(method=method), progress=False)
         for ratio in (0.3, 0.6):
             ours = copy.deepcopy(tiny_llama)
             apply_low_rank(ours, stats, CompressConfig(method=method, ratio=ratio), decompositions=decs,
-                           progress=False)
+                           progress=False, batches=batches)
             theirs = copy.deepcopy(tiny_llama)
-            report = apply_low_rank(theirs, stats, CompressConfig(method=method, ratio=ratio), progress=False)
-            assert report.allocation == ("svd-llm-v2" if method == "svd-llm-v2" else "uniform")
+            report = apply_low_rank(theirs, stats, CompressConfig(method=method, ratio=ratio), progress=False,
+                                    batches=batches)
+            assert report.allocation == ("svd-llm-v2" if method == "svd-llm-v2" else "fisher")
             ids = torch.randint(0, tokenizer.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
             with torch.no_grad():
                 torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
@@ -96,3 +97,28 @@ def test_markdown_bolds_the_best_per_ratio():
             {"method": "b", "ratio": 0.2, "removed": 0.2, "weighted_err": 0.3, "ppl:x": 6.0}]
     md = results_markdown(CompareResult(rows, ["ppl:x"], {}))
     assert "| a | 0.2 | 0.2 | 7 | **0.1** |" in md and "| b | 0.2 | 0.2 | **6** | 0.3 |" in md
+
+
+def test_default_evaluation_is_out_of_domain_and_in_domain_labelled(tokenizer):
+    """With no evals, an encoder is judged on the english evaluation text (out of domain) and on the held-out
+    calibration mix (in domain); a model with logits by perplexity on the same two texts."""
+    import transformers
+
+    from coala.compare import default_evals, metric_label
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                  vocab_size=tokenizer.vocab_size, max_position_embeddings=512)
+    encoder = transformers.BertModel(cfg).eval()
+    assert default_evals(encoder) == ["fidelity:english", "fidelity:builtin"]
+    result = compare(encoder, tokenizer, CompareConfig(methods=["coala"], ratios=[0.5]),
+                     data=CalibrationConfig(nsamples=8, seqlen=64), runtime=QUIET)
+    headers, body = result.table()
+    assert headers[3:7] == ["cos mean english (out of domain)", "cos p05 english (out of domain)",
+                            "cos mean builtin (in domain, held out)", "cos p05 builtin (in domain, held out)"]
+    assert body[0][3:7] == pytest.approx([1.0] * 4) and all(0 < v < 1 for v in body[1][3:7])
+    assert metric_label("ppl:english", "docs") == "ppl english (out of domain)"
+    assert metric_label("ppl:builtin", "docs") == "ppl builtin (partly in domain, held out)"
+    assert metric_label("task:piqa") == "task:piqa"
+    llama = tiny_llama_lm(tokenizer.vocab_size, hidden=32)
+    assert default_evals(llama) == ["ppl:english", "ppl:builtin"]

@@ -16,6 +16,8 @@ from tqdm.auto import tqdm
 
 from ..capture import InputCapture
 from ..data import calibration_batches
+from ..distributed import all_reduce_, ensure_joined, is_distributed, is_main
+from ..distributed_run import shard_batches
 from ..lowrank import model_device
 
 Batch = Tensor | Mapping[str, Tensor]
@@ -76,15 +78,21 @@ def collect_input_factors(
     """Run ``calibration`` through ``model``; return layer name → R factor (in × in, ``dtype``) of its inputs.
 
     ``layers`` are nn.Linear / Conv1D modules inside ``model``. Accumulation (TSQR) runs in ``dtype``
-    (float32 or float64) whatever the activation dtype. The model is put in eval mode and restored.
+    (float32 or float64) whatever the activation dtype. The model is put in eval mode and restored. In a
+    distributed run (docs/design.md §12) each rank runs its share of the batches and every rank returns the
+    factors of all of them.
     """
     was_training = model.training
     model.eval()
     device = model_device(model)
+    ensure_joined(device)  # started by torchrun: join its process group
+    if is_distributed():  # each rank streams its share of the batches; the factors are reduced below
+        calibration = shard_batches(list(iter_batches(calibration, device)))
     n_batches = 0
     try:
         with InputCapture(model, dict(layers), kinds=("r",), dtype=dtype) as cap:
-            for batch in tqdm(iter_batches(calibration, device), desc="calibration", disable=not progress):
+            for batch in tqdm(iter_batches(calibration, device), desc="calibration",
+                              disable=not progress or not is_main()):
                 cap.mask = batch.get("attention_mask")
                 model(**batch)
                 n_batches += 1
@@ -92,6 +100,7 @@ def collect_input_factors(
         model.train(was_training)
     if n_batches == 0:
         raise ValueError("calibration data is empty: no batch was run")
+    all_reduce_([cap.stats[k] for k in sorted(cap.stats)], what="LoRA calibration statistics")  # distributed only
     out = {}
     for name in layers:
         rf = cap.stats_for(name).r

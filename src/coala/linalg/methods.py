@@ -37,7 +37,7 @@ def _coala(W, stats, mu, adaptive_mu, name):
 
 
 METHODS: dict[str, Method] = {
-    "coala": Method("coala", frozenset({"r"}), _coala, uses_mu=True),
+    "coala": Method("coala", frozenset({"r"}), _coala, uses_mu=True, allocation="fisher"),
     "svd": Method("svd", frozenset(), lambda W, stats, mu, adaptive_mu, name: svd_decomposition(W)),
     "asvd": Method(
         "asvd", frozenset({"absmean"}),

@@ -12,6 +12,14 @@ same count as the Gram update XᵀX. The work is arranged so that almost all of 
 * reflectors are applied in compact-WY form Qᵀ = I − V Tᵀ Vᵀ, with V = [I; V_B]; T is the upper
   triangular factor of Schreiber–Van Loan, from T⁻¹ = diag(1/τ) + striu(VᵀV) (Puglisi; Joffrain et al. 2006)
   and, across the halves of a node, T₁₂ = −T₁ (V₁ᵀV₂) T₂.
+* the leaves call LAPACK ``geqrf`` of torch's own MKL in place on the panel scratch (``lapack.geqrf_``, no
+  copies), and the whole panel factorisation runs on one MKL thread; the trailing GEMMs use every thread.
+
+Where the time goes (docs/design.md §11): the trailing updates are 2·b·n·(n − k) flops of large GEMMs; the panels
+are ≈ 3·b·k·n flops (the Householder work inside the panels plus T, ≈ k/(2n) more flops than the Gram) in narrow
+GEMMs and BLAS-2 leaves that run at roughly half the GEMM rate, plus one transposing copy of the block into the
+panel scratch. Hence the cost relative to the Gram update falls with n: ≈ 1.8× at n = 576, 1.4× at 1024, 1.2×
+at 4096 on one thread of this project's machine.
 
 Every transform is an orthogonal Householder reflector, so the result is backward stable: it is the exact R
 of [R; rows] + E with ‖E‖ = O(eps)·‖[R; rows]‖ (no Gram matrix, no Cholesky, no Gram–Schmidt).
@@ -25,10 +33,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import lapack
+
 PANEL = 128  # columns per panel: the width k of the trailing GEMMs (b × k) · (k × c)
-LEAF = 16  # columns per LAPACK geqrf call. Its BLAS-2 work grows ∝ b·n·LEAF, and MKL multi-threads geqrf from
-# 32 columns on, 3–5× slower than one thread on these tall-skinny panels; each leaf and node costs ≈ 20 small
-# torch calls (≈ 2 µs each on one thread). One thread: 16/32/64/128 within 5 %; two threads: 16 clearly fastest.
+LEAF = 32  # columns per LAPACK geqrf call (always on one MKL thread: threaded, it is 3–5× slower on these
+# tall-skinny panels). Its BLAS-2 work grows ∝ b·n·LEAF; each leaf and node costs ≈ 10–20 small torch calls
+# (≈ 5 µs each). Measured at one thread (benchmarks/runtime.py sweep): 16 and 32 within noise, 32 ahead at
+# n ≥ 1024 by 2–5 % (half the calls).
 
 
 def normalize_signs(R: Tensor) -> Tensor:
@@ -67,8 +78,36 @@ def r_of_rows(rows: Tensor) -> Tensor:
     return normalize_signs(a[:n].triu())
 
 
+def stack_triangle_(R: Tensor, S: Tensor, workspace: dict[str, Tensor] | None = None) -> None:
+    """In place: R ← R factor of [R; S] for two upper-triangular (n × n) factors (a TSQR merge); S is destroyed.
+
+    Rows i0:i1 of S are zero left of column i0, so their reflectors leave the first i0 rows and columns of R
+    alone: the update of row block [i0, i1) is R[i0:, i0:] ← R([R[i0:, i0:]; S[i0:i1, i0:]]). In blocks of n/4
+    rows this costs ≈ 0.94·n³ flops instead of the 2n³ of a dense n-row update. Signs are not normalised.
+    Other devices: one stacked geqrf.
+    """
+    n = R.shape[1]
+    if not _fast(R):
+        R.copy_(torch.geqrf(torch.cat([R.triu(), S.triu()]))[0][:n].triu())
+        return
+    step = max(PANEL, -(-n // 4))
+    for i0 in range(0, n, step):
+        i1 = min(i0 + step, n)
+        if i0 == 0:
+            update_r_(R, S[:i1].triu_(), workspace)
+            continue
+        sub = R[i0:, i0:].contiguous()
+        update_r_(sub, S[i0:i1, i0:].triu_(), workspace)
+        R[i0:, i0:] = sub
+
+
+BLOCKED_DEVICES = {"cpu"}  # device types that run the blocked kernel; elsewhere one stacked geqrf per update. The
+# kernel runs anywhere torch does (its leaves fall back to torch.geqrf off the CPU): benchmarks/runtime.py times it
+# on a GPU by adding "cuda" here.
+
+
 def _fast(t: Tensor) -> bool:
-    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
+    return t.device.type in BLOCKED_DEVICES and t.dtype in (torch.float32, torch.float64)
 
 
 def update_r_(R: Tensor, work: Tensor, workspace: dict[str, Tensor] | None = None) -> None:
@@ -98,16 +137,18 @@ def update_r_(R: Tensor, work: Tensor, workspace: dict[str, Tensor] | None = Non
     gather = _scratch(ws, "gather", b * panel, R).view(b, panel)
     T_buf = _scratch(ws, "T", panel * panel, R, zero=True).view(panel, panel)  # strict lower part stays 0
     W1, W2 = _scratch(ws, "W1", panel * n, R), _scratch(ws, "W2", panel * n, R)
+    lap = _Leaves(_scratch(ws, "tau", panel, R), _scratch(ws, "lwork", 64 * panel, R))
     for j in range(0, n, panel):
         e = min(j + panel, n)
         k = e - j
-        P = scratch[:k, : k + b].T
+        P = scratch[:k, : k + b].T  # (k + b) × k, column-major, leading dimension panel + b
         P[:k] = R[j:e, j:e].triu()
         g = gather[:, :k] if k == panel else R.new_empty(b, k)
         g.copy_(work[:, j:e])  # strided rows → contiguous, then one transposing copy (much faster than one step)
         P[k:] = g
         T = T_buf[:k, :k] if e < n else None
-        _factor_panel(P, k, 0, k, T)
+        with lapack.single_threaded():  # narrow LAPACK calls and small GEMMs: one thread is fastest
+            _factor_panel(P, k, 0, k, T, lap)
         R[j:e, j:e] = P[:k].triu()
         R[e:, j:e] = 0  # the strict lower triangle is left zero, whatever it held
         if e < n:
@@ -119,6 +160,23 @@ def update_r_(R: Tensor, work: Tensor, workspace: dict[str, Tensor] | None = Non
             work[:, e:].addmm_(V, W, alpha=-1)
 
 
+class _Leaves:
+    """Scratch for the LAPACK leaf factorisations of one update: τ and geqrf's work array."""
+
+    def __init__(self, tau: Tensor, lwork: Tensor) -> None:
+        self.tau, self.lwork = tau, lwork
+
+    def geqrf(self, A: Tensor) -> Tensor:
+        """Householder QR of the column-major view A (m × w) in place; returns τ (w,)."""
+        w = A.shape[1]
+        tau = self.tau[:w]
+        if A.device.type == "cpu" and lapack.geqrf_(A, tau, self.lwork):
+            return tau
+        a, tau = torch.geqrf(A)  # no LAPACK reachable through ctypes: torch's copy-in, copy-out call
+        A.copy_(a)
+        return tau
+
+
 def _scratch(ws: dict[str, Tensor], key: str, numel: int, like: Tensor, zero: bool = False) -> Tensor:
     """A flat buffer of at least ``numel`` values of ``like``'s dtype/device, kept in ``ws`` for the next call."""
     buf = ws.get(key)
@@ -128,7 +186,7 @@ def _scratch(ws: dict[str, Tensor], key: str, numel: int, like: Tensor, zero: bo
     return buf[:numel]
 
 
-def _factor_panel(P: Tensor, k: int, c0: int, c1: int, T: Tensor | None) -> None:
+def _factor_panel(P: Tensor, k: int, c0: int, c1: int, T: Tensor | None, lap: _Leaves) -> None:
     """Factor columns c0:c1 of the column-major panel P = [R_p (k × k, upper); B_p (b × k)] in place.
 
     Afterwards P[c0:c1, c0:c1] holds the new triangle and P[k:, c0:c1] the dense part V_B of the reflectors
@@ -138,14 +196,13 @@ def _factor_panel(P: Tensor, k: int, c0: int, c1: int, T: Tensor | None) -> None
     """
     w = c1 - c0
     if w <= LEAF:
-        a, tau = torch.geqrf(P[c0:, c0:c1])  # rows c1:k of these columns are zero: their reflector part is 0
-        P[c0:, c0:c1] = a
+        tau = lap.geqrf(P[c0:, c0:c1])  # rows c1:k of these columns are zero: their reflector part is 0
         if T is not None:
             T[c0:c1, c0:c1] = _t_factor(P[k:, c0:c1], tau)
         return
     m = c0 + max(LEAF, (w // 2) // LEAF * LEAF)
     T_all = T if T is not None else P.new_zeros(k, k)  # the left half's T is needed to update the right half
-    _factor_panel(P, k, c0, m, T_all)
+    _factor_panel(P, k, c0, m, T_all, lap)
     T1 = T_all[c0:m, c0:m]
     V1 = P[k:, c0:m]
     CR = P[c0:m, m:c1]
@@ -153,7 +210,7 @@ def _factor_panel(P: Tensor, k: int, c0: int, c1: int, T: Tensor | None) -> None
     W = T1.T @ torch.addmm(CR, V1.T, CB)  # Q₁ᵀ [CR; CB] = [CR; CB] − [I; V1] T₁ᵀ (CR + V1ᵀ CB)
     CR.sub_(W)
     CB.addmm_(V1, W, alpha=-1)
-    _factor_panel(P, k, m, c1, T)
+    _factor_panel(P, k, m, c1, T, lap)
     if T is not None:  # T₁₂ = −T₁ (V₁ᵀV₂) T₂
         T[c0:m, m:c1] = (T1 @ (V1.T @ P[k:, m:c1])) @ T[m:c1, m:c1].neg()
 

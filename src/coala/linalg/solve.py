@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .decomposition import Decomposition, tail_sums_of_squares
+from .lapack import svd
 from .tsqr import regularize
 
 
@@ -80,9 +81,9 @@ def _left_singular(W: Tensor, R: Tensor) -> tuple[Tensor, Tensor]:
     e = _exponent(W) + _exponent(R)
     safe = math.log2(fi.tiny) + fi.bits < e < math.log2(fi.max) - math.log2(W.shape[1]) - 2
     if safe:
-        U, S, _ = torch.linalg.svd(W @ R.T, full_matrices=False)
+        U, S, _ = svd(W @ R.T)
         return U, S.to(torch.float64)
     eW, eR = _exponent(W), _exponent(R)
-    U, S, _ = torch.linalg.svd(_scaled(W, eW) @ _scaled(R, eR).T, full_matrices=False)
+    U, S, _ = svd(_scaled(W, eW) @ _scaled(R, eR).T)
     S = S.to(torch.float64)
     return U, torch.ldexp(S, torch.tensor(eW + eR, device=S.device))  # overflows to inf, never raises

@@ -1,9 +1,10 @@
 """Streaming, mergeable R factor of activations (TSQR).
 
 ``RFactor`` holds R (n × n, upper triangular, diag ≥ 0) with RᵀR = XᵀX for every row x seen, plus a buffer
-of pending rows. Rows are buffered until a block of ``block_rows`` is full; then R ← R([R; X_b]), computed in
-place in R and the buffer (``qr_update.update_r_``). Memory is O((n + block_rows) · n) whatever the number of
-rows. XᵀX is never formed.
+of pending rows. Rows are buffered until a block of ``block_rows`` per lane is full; then R ← R([R; X_b]),
+computed in place in R and the buffer (``qr_update.update_r_``). With several lanes (threads), lane i keeps
+its own partial R of its share of the blocks, updated side by side with the others; they are merged when R is
+read. Memory is O(lanes · (n + block_rows) · n) whatever the number of rows. XᵀX is never formed.
 
 Precision: rows of any floating dtype (bf16/fp16 included) are upcast to ``dtype`` (float32 by default,
 or float64) before they enter the buffer; every QR runs in ``dtype``.
@@ -17,25 +18,36 @@ from torch import Tensor
 from ..errors import CoalaError, CoalaTypeError
 from .checks import check_fits, check_mu, flatten_rows
 from .dtypes import ACCUMULATION_DTYPES
-from .qr_update import normalize_signs, r_of_stacked, update_r_
+from .parallel import parallel_map, worker_count
+from .qr_update import normalize_signs, r_of_stacked, stack_triangle_, update_r_
+
+MAX_LANES = 4  # partial factors per RFactor at most: each costs n² values, and the final merge ≈ n³ flops each
 
 
 def default_block_rows(in_features: int, device: torch.device | str | None = None) -> int:
-    """Rows buffered per QR update.
+    """Rows buffered per QR update (per lane).
 
-    CPU (default): 4096 rows for n ≤ 1024, else 2048. The CPU update exploits the triangle on top of
-    [R; X_b], so its cost ≈ 2·b·n² flops whatever b: a block only has to be tall enough to amortise the
-    per-update overhead (≈ 2000 small torch calls and as many thread synchronisations, independent of b).
-    Measured (benchmarks/runtime.py, n = 256..4096): 1024–4096 rows within noise on one thread; with two busy
-    threads 4096 beats 2048 at n = 1024 (3.4× vs 4.7× the Gram update); 8192 and more get slower (the panel
-    leaves L2), and 4n–16n rows would make the buffer dwarf R (1 GB per layer at n = 4096, b = 16n).
-    The float32 buffer is 16 MB at n = 1024, and 8 KB per input feature (half of R at n = 4096) above.
+    CPU (default): the power of two nearest below 2²³ / n, clamped to 2048..8192 (8192 for n ≤ 1024, 4096 for
+    n ≤ 2048, 2048 above), i.e. a float32 buffer of at most 32 MB. The CPU update exploits the triangle on top
+    of [R; X_b], so its flops ≈ 2·b·n² whatever b; b only has to amortise the per-update overhead (≈ 1000 small
+    torch calls, ≈ 5–10 ms at n = 1024, independent of b), which at n ≤ 1024 is still ≈ 10 % of a 4096-row update.
+    Measured (benchmarks/runtime.py): at n = 1024, 8192 rows 1.45× the Gram against 1.56× for 4096; at n = 576,
+    8192 best (16384 rows leave the caches).
     Other devices (one geqrf of the stacked (n + b) × n matrix, ≈ 2(b + n)n² flops): max(4n, 2048), so that
     the triangle costs at most ≈ 17 % extra.
     """
     if device is not None and torch.device(device).type != "cpu":
         return max(4 * in_features, 2048)
-    return 4096 if in_features <= 1024 else 2048
+    rows = 1 << max(0, (2**23 // max(in_features, 1)).bit_length() - 1)
+    return min(8192, max(2048, rows))
+
+
+def default_lanes(in_features: int, device: torch.device | str | None = None) -> int:
+    """Partial R factors updated side by side (``parallel.worker_count()`` on the CPU, at most ``MAX_LANES``;
+    1 on other devices and for n < 64, where one thread is already fast)."""
+    if in_features < 64:
+        return 1
+    return max(1, min(MAX_LANES, worker_count(device)))
 
 
 class RFactor:
@@ -45,7 +57,11 @@ class RFactor:
         in_features: n, the width of each row.
         dtype: accumulation dtype, torch.float32 (default) or torch.float64.
         device: where R and the buffer live (default: CPU).
-        block_rows: rows per QR update (default ``default_block_rows(n, device)``).
+        block_rows: rows per QR update and lane (default ``default_block_rows(n, device)``).
+        lanes: partial factors updated side by side, one thread each (default ``default_lanes(n, device)``:
+            ``torch.get_num_threads()`` on the CPU, at most 4). Lane i takes rows i·b .. (i+1)·b of every
+            lanes·b buffered rows; the partial factors are merged (a TSQR tree step) when R is read. The result
+            does not depend on the lanes beyond rounding; memory grows by n² + b·n values per extra lane.
         name: used in error messages (e.g. the layer whose inputs these are).
     """
 
@@ -56,6 +72,7 @@ class RFactor:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         block_rows: int | None = None,
+        lanes: int | None = None,
         name: str | None = None,
     ) -> None:
         if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
@@ -68,13 +85,17 @@ class RFactor:
         self.block_rows = int(block_rows) if block_rows is not None else default_block_rows(in_features, self.device)
         if self.block_rows < 1:
             raise CoalaError(f"block_rows must be >= 1, got {block_rows}", argument="block_rows")
+        self.lanes = int(lanes) if lanes is not None else default_lanes(in_features, self.device)
+        if self.lanes < 1 or (self.device.type != "cpu" and self.lanes != 1):
+            raise CoalaError(f"lanes must be >= 1 (and 1 off the CPU), got {lanes}", argument="lanes")
         self.name = name
         self.num_rows = 0
         self._R = torch.zeros(in_features, in_features, dtype=dtype, device=self.device)
-        self._buf: Tensor | None = None  # (block_rows × n), allocated on first use; the QR works in it in place
+        self._lane_R: list[Tensor | None] = [None] * (self.lanes - 1)  # lanes 1.., allocated on first use
+        self._buf: Tensor | None = None  # (lanes·block_rows × n), allocated on first use; QRs work in it in place
         self._fill = 0
         self._R_shared = False  # True once R was handed out: the next in-place update works on a copy
-        self._workspace: dict[str, Tensor] = {}  # the QR kernel's scratch, kept between updates
+        self._workspace: list[dict[str, Tensor]] = [{} for _ in range(self.lanes)]  # the kernel's scratch per lane
 
     # ------------------------------------------------------------------ streaming
     def update(self, x: Tensor, mask: Tensor | None = None) -> RFactor:
@@ -87,25 +108,52 @@ class RFactor:
         rows = rows.detach()  # statistics are data: no autograd graph is kept alive across the stream
         check_fits(rows, self.dtype, "x", self.name)
         self.num_rows += rows.shape[0]
+        capacity = self.lanes * self.block_rows
         start = 0
         while start < rows.shape[0]:
             if self._buf is None:
-                self._buf = torch.empty(self.block_rows, self.in_features, dtype=self.dtype, device=self.device)
-            take = min(self.block_rows - self._fill, rows.shape[0] - start)
+                self._buf = torch.empty(capacity, self.in_features, dtype=self.dtype, device=self.device)
+            take = min(capacity - self._fill, rows.shape[0] - start)
             self._buf[self._fill : self._fill + take].copy_(rows[start : start + take])
             self._fill += take
             start += take
-            if self._fill == self.block_rows:
+            if self._fill == capacity:
                 self._flush()
         return self
 
     def _flush(self) -> None:
-        if self._fill:
-            if self._R_shared or not self._R.is_contiguous():
-                self._R = self._R.contiguous().clone()
+        """Fold the buffered rows into the lanes' factors (side by side when there are enough rows for each)."""
+        fill, self._fill = self._fill, 0
+        if not fill:
+            return
+        if self._R_shared or not self._R.is_contiguous():
+            self._R = self._R.contiguous().clone()
+            self._R_shared = False
+        used = self.lanes if fill >= self.lanes * self.in_features else 1  # too few rows: not worth a merge
+        step = -(-fill // used)
+        chunks = [(i, i * step, min(fill, (i + 1) * step)) for i in range(used)]
+        for i, _, _ in chunks[1:]:
+            if self._lane_R[i - 1] is None:
+                self._lane_R[i - 1] = torch.zeros_like(self._R)
+
+        def run(chunk: tuple[int, int, int]) -> None:
+            i, lo, hi = chunk
+            R = self._R if i == 0 else self._lane_R[i - 1]
+            update_r_(R, self._buf[lo:hi], self._workspace[i])  # R ← R([R; X_b]) in place
+
+        parallel_map(run, chunks, workers=used)
+
+    def _fold_lanes(self) -> None:
+        """Flush, then merge every lane's factor into lane 0's (R ← R([R; R_i]), exploiting R_i's triangle)."""
+        self._flush()
+        parts = [R for R in self._lane_R if R is not None]
+        if parts:
+            if self._R_shared:
+                self._R = self._R.clone()
                 self._R_shared = False
-            update_r_(self._R, self._buf[: self._fill], self._workspace)  # R ← R([R; X_b]) in place
-            self._fill = 0
+            for R in parts:
+                stack_triangle_(self._R, R, self._workspace[0])
+            self._lane_R = [None] * (self.lanes - 1)
 
     def merge(self, other: RFactor) -> RFactor:
         """Fold another factor of the same width into this one (a TSQR tree step): R ← R([R₁; R₂])."""
@@ -116,9 +164,11 @@ class RFactor:
                 f"cannot merge RFactor of in_features={other.in_features} into one of {self.in_features}",
                 argument="other",
             )
-        self._flush()
-        other_R = other.R.to(device=self.device, dtype=self.dtype)
-        self._R = r_of_stacked(self._R, other_R)
+        self._fold_lanes()
+        other_R = other.R.to(device=self.device, dtype=self.dtype, copy=True)
+        if self._R_shared:
+            self._R, self._R_shared = self._R.clone(), False
+        stack_triangle_(self._R, other_R, self._workspace[0])
         self.num_rows += other.num_rows
         return self
 
@@ -127,7 +177,7 @@ class RFactor:
     def R(self) -> Tensor:
         """(n × n) upper triangular, diag ≥ 0, RᵀR = XᵀX of all rows seen; in ``dtype`` (CoalaError when it
         overflowed: activations too large for the accumulation dtype)."""
-        self._flush()
+        self._fold_lanes()
         if not bool(torch.isfinite(self._R).all()):
             where = f" of {self.name}" if self.name else ""
             raise CoalaError(f"the R factor{where} overflowed {str(self.dtype).removeprefix('torch.')}: the "
@@ -169,6 +219,8 @@ class RFactor:
         if state.get("dtype") not in (None, *ACCUMULATION_DTYPES):
             raise ValueError(f"unknown dtype {state['dtype']!r} in RFactor state")
         self._R = R.detach().to(device=self.device, dtype=self.dtype).triu()
+        self._lane_R = [None] * (self.lanes - 1)
+        self._R_shared = False
         self.num_rows = int(state["num_rows"])
         self._fill = 0
         return self

