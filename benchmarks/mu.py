@@ -16,9 +16,9 @@ solution at rank r (R_μ from [R; √μ I]); W₀ the μ = 0 one at the same ran
 Part B — held-out quality against μ with few calibration samples, where regularisation should matter most:
 ``coala.compress`` (COALA, 20 % removed) with 4, 16 and 64 built-in calibration samples, for μ = 0, μ with the
 adaptive rule (μ_eff = μ·‖(W−W₀)Xᵀ‖²/‖W−W₀‖², which makes μ dimensionless) and fixed μ; then the mean cosine of
-mean-pooled sentence embeddings to the original model's, in domain (the built-in held-out "test" sentences: same
-kind of text as the calibration, never seen) and out of domain (``/work/corpus/evaluation.txt``, one paragraph
-per line, when that file exists).
+mean-pooled sentence embeddings to the original model's, in domain (``evaluation_sentences("builtin")``: the
+held-out part of the calibration mix, never seen) and out of domain (``evaluation_sentences("english")``: the
+evaluation text written separately from the calibration text; ``--ood PATH`` takes a file instead).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ if str(HERE) not in sys.path:  # sibling helpers (benchmarks/_*.py) import by na
 from _report import machine, markdown_table, new_figure, out_dir, write_markdown
 
 F64 = torch.float64
-OOD_DEFAULT = "/work/corpus/evaluation.txt"
+OOD_DEFAULT = "english"
 LAYERS = ("encoder.layer.0.attention.self.query", "encoder.layer.2.intermediate.dense",
           "encoder.layer.3.attention.output.dense", "encoder.layer.5.output.dense")
 RATIOS = (0.2, 0.5, 0.8)  # ranks of Part A: the uniform rank for these fractions removed
@@ -165,11 +165,13 @@ def gap_exponent(curves: list[Curve], grid: Tensor) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- part B
-def ood_texts(path: str) -> list[str] | None:
-    p = Path(path)
-    if not p.is_file():
+def ood_texts(source: str) -> list[str] | None:
+    """Out-of-domain sentences: a named source's evaluation sentences, a file's documents, or None (no such file)."""
+    from coala.data import SOURCES, evaluation_sentences
+
+    if source not in SOURCES and not Path(source).is_file():
         return None
-    return [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if len(line.strip()) >= 40]
+    return [t for t in evaluation_sentences(source) if len(t.strip()) >= 40]
 
 
 def settings(adaptive: list[float], fixed: list[float]) -> list[tuple[str, float, bool]]:
@@ -183,12 +185,12 @@ def part_b(samples: list[int], grid: list[tuple[str, float, bool]], ratio: float
     from tqdm.auto import tqdm
 
     from coala import CalibrationConfig, CompressConfig, RuntimeConfig, compress
-    from coala.data import builtin_sentences
+    from coala.data import evaluation_sentences
     from coala.evaluate import embedding_fidelity, sentence_embeddings
     from coala.models import load_model
 
     model, tok, _ = load_model()
-    sets = {"in domain": builtin_sentences("test")}
+    sets = {"in domain": evaluation_sentences("builtin")}
     ood = ood_texts(ood_path)
     if ood:
         sets["out of domain"] = ood
@@ -198,13 +200,13 @@ def part_b(samples: list[int], grid: list[tuple[str, float, bool]], ratio: float
         for label, mu, adaptive in tqdm(grid, desc="mu", leave=False):
             m = copy.deepcopy(model)
             t0 = time.perf_counter()
-            report = compress(m, "builtin", CompressConfig(ratio=ratio, mu=mu, adaptive_mu=adaptive,
-                                                           allocation="uniform"),  # μ alone varies
+            config = CompressConfig(ratio=ratio, mu=mu, adaptive_mu=adaptive, allocation="uniform")  # μ alone varies
+            report = compress(m, "builtin", config,
                               data=CalibrationConfig(nsamples=ns, seed=seed), runtime=RuntimeConfig(progress=False),
                               tokenizer=tok)
             eff = [r.mu for r in report.layers]
             row = {"samples": ns, "tokens": report.calibration.get("tokens"), "setting": label,
-                   "mean_mu_eff": sum(eff) / len(eff), "zero_mu_eff": sum(e == 0 for e in eff), "layers": len(eff),
+                   "mean_mu_eff": sum(eff) / len(eff), "off": sum(e < 1e-6 * mu for e in eff), "layers": len(eff),
                    "seconds": time.perf_counter() - t0}
             for k, texts in sets.items():
                 fid = embedding_fidelity(m, refs[k], tok, texts)
@@ -213,19 +215,19 @@ def part_b(samples: list[int], grid: list[tuple[str, float, bool]], ratio: float
             print(f"  samples {ns:3d} ({row['tokens']} tokens)  μ {label:<14s} "
                   + "  ".join(f"{k}: {row[k][0]:.4f}" for k in sets), flush=True)
             del m
-    heads = ["samples (tokens)", "μ", "mean μ_eff", "layers with μ_eff = 0"]
+    heads = ["samples (tokens)", "μ", "mean μ_eff", "layers switched off (μ_eff < 1e-6·μ)"]
     for k in sets:
         heads += [f"{k}: mean cos", f"{k}: p05"]
     rows = []
     for r in results:
         best = {k: max(x[k][0] for x in results if x["samples"] == r["samples"]) for k in sets}
         row = [f"{r['samples']} ({r['tokens']})", r["setting"], f"{r['mean_mu_eff']:.3g}",
-               f"{r['zero_mu_eff']} / {r['layers']}" if r["setting"].startswith("adaptive") else ""]
+               f"{r['off']} / {r['layers']}" if r["setting"].startswith("adaptive") else ""]
         for k in sets:
             mean = f"{r[k][0]:.4f}"
             row += [f"**{mean}**" if r[k][0] == best[k] else mean, f"{r[k][1]:.4f}"]
         rows.append(row)
-    note = "" if ood else f"\n\nOut of domain: not measured ({ood_path} does not exist)."
+    note = "" if ood else f"\n\nOut of domain: not measured ({ood_path} is neither a source nor a file)."
     counts = ", ".join(f"{k}: {len(v)} texts" for k, v in sets.items())
     return results, markdown_table(heads, rows) + f"\n\n({counts}; best per sample count in bold.)" + note
 
@@ -295,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="part B absolute μ, no rule (default 1,10,100; quick 10): μ ≈ that many tokens of unit "
                          "variance per channel, the scale of LayerNorm'd inputs")
     ap.add_argument("--ratio", type=float, default=0.2, help="part B fraction removed (default 0.2)")
-    ap.add_argument("--ood", default=OOD_DEFAULT, help=f"out-of-domain text, a paragraph per line ({OOD_DEFAULT})")
+    ap.add_argument("--ood", default=OOD_DEFAULT,
+                    help=f"out-of-domain text: a named source or a .txt / .jsonl file (default {OOD_DEFAULT})")
     ap.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     ap.add_argument("--skip-b", action="store_true", help="part A only")
     ap.add_argument("--layers", default=",".join(LAYERS), help="part A: MiniLM layers (comma-separated)")
@@ -342,11 +345,12 @@ def _run(args: argparse.Namespace) -> int:
             f"against μ, few calibration samples\n\n{t_b}\n\nPart B: coala.compress, COALA, {100 * args.ratio:g} % "
             "of the targeted parameters removed (uniform ranks), sequential propagation, float32 statistics, "
             f"built-in calibration samples drawn with seed {args.seed}. 'adaptive μ': the official rule, μ_eff = "
-            "μ·‖(W−W₀)Xᵀ‖²/‖W−W₀‖² per layer (the 'mean μ_eff' column); it is 0 for a layer whose X has rank ≤ r "
-            "(the weighted truncation loss vanishes), i.e. exactly when the solution is not unique. 'fixed μ': "
-            "μ itself, i.e. μI added to XᵀX (about μ tokens of unit variance per channel). In domain: the "
-            "built-in held-out test sentences (same kind of text as the calibration, never seen); out of domain: "
-            f"{args.ood}. Mean cosine of mean-pooled embeddings to the original model's.")
+            "μ·‖(W−W₀)Xᵀ‖²/‖W−W₀‖² per layer (the 'mean μ_eff' column); for a layer whose X has rank ≤ r the "
+            "weighted truncation loss vanishes (up to rounding), so the rule switches μ off exactly when the "
+            "solution is not unique (the 'switched off' column). 'fixed μ': μ itself, i.e. μI added to XᵀX (about "
+            "μ tokens of unit variance per channel). In domain: the held-out sentences of the built-in calibration "
+            f"mix (never seen); out of domain: {args.ood!r} (written separately from the calibration text). Mean "
+            "cosine of mean-pooled embeddings to the original model's.")
     write_markdown(folder / "mu.md", "μ study (paper: regularisation)", body, f"Total time {elapsed:.1f} s.")
     print(f"(total {elapsed:.1f} s)\nwrote {folder / 'mu.png'} and {folder / 'mu.md'}")
     return 0

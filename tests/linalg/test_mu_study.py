@@ -56,15 +56,16 @@ def test_mu_benchmark_end_to_end(tmp_path, capsys):
     """benchmarks/mu.py on the real MiniLM, small: both parts, the table, the figure, the out-of-domain file."""
     mu_bench = load_benchmark("mu")
     ood = tmp_path / "ood.txt"
-    ood.write_text("\n".join(f"Paragraph {i} of a text from elsewhere, about lighthouses and the sea at night."
-                             for i in range(5)) + "\nshort\n")
+    ood.write_text("\n\n".join(f"Paragraph {i} of a text from elsewhere, about lighthouses and the sea at night."
+                               for i in range(5)) + "\n\nshort\n")
     argv = ["--quick", "--tokens", "256", "--layers", "encoder.layer.0.attention.self.query", "--samples", "4",
             "--adaptive-mus", "1", "--fixed-mus", "", "--ood", str(ood), "--out", str(tmp_path)]
     assert mu_bench.main(argv) == 0
     md = (tmp_path / "mu.md").read_text()
     assert "| layer.0.attention.self.query | 384 × 384 | 153 |" in md
     assert "| 4 (" in md and "| adaptive 1 |" in md and "out of domain: mean cos" in md
-    assert "out of domain: 5 texts" in md  # the 'short' line is not a paragraph
+    assert "out of domain: 5 texts" in md  # the 'short' paragraph is not a sentence
     assert "slope ∝ gap^" in md
     assert (tmp_path / "mu.png").stat().st_size > 20_000
     assert mu_bench.ood_texts(str(tmp_path / "missing.txt")) is None  # part B then says "not measured"
+    assert len(mu_bench.ood_texts("english")) > 100  # the default: the built-in evaluation text
