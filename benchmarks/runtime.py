@@ -94,19 +94,24 @@ def r_stream(s: Stream, **kw) -> Tensor:
     return f.R
 
 
+CLOCK: list[Callable[[], float]] = [time.perf_counter]  # --clock cpu: time.process_time
+
+
 def race(tasks: dict[str, Callable[[], object]], repeats: int, sync: Callable[[], None] = lambda: None
          ) -> dict[str, float]:
-    """Median wall time of each task over ``repeats`` rounds; the tasks alternate within a round."""
+    """Median time of each task over ``repeats`` rounds (wall, or this process's CPU time with --clock cpu); the
+    tasks alternate within a round."""
+    clock = CLOCK[0]
     times: dict[str, list[float]] = {k: [] for k in tasks}
     for fn in tasks.values():  # warm-up: allocations, thread pools, LAPACK self-check
         fn()
     for _ in range(repeats):
         for name, fn in tasks.items():
             sync()
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             sync()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -251,7 +256,8 @@ def report(res: dict, cfg: dict, wall: float) -> str:
     ratios += [f"- GPU n = {r['n']}: stacked / Gram {r['stacked/gram']:.2f}, blocked / Gram {r['blocked/gram']:.2f}"
                for r in res.get("gpu", [])]
     return "\n\n".join(parts) + "\n\n## Ratios\n\n" + "\n".join(ratios) + (
-        f"\n\nMedian of {cfg['repeats']} interleaved runs. Load average at the end: {load()}. "
+        f"\n\nMedian of {cfg['repeats']} interleaved runs ({'CPU' if CLOCK[0] is time.process_time else 'wall'} "
+        f"time). Load average at the end: {load()}. "
         f"Wall time of the whole benchmark: {wall:.0f} s.\n")
 
 
@@ -288,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=None, help="runs per figure, the median is kept (default 3)")
     ap.add_argument("--threads", default=None, help="thread counts, e.g. 1,2 (default: 1, 2 and torch's default)")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"any of {','.join(SECTIONS)}")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall time, or this process's CPU time (steadier on a shared machine; meaningful for one "
+                         "thread only: with more it adds the threads' times up)")
     args = ap.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
     if args.repeats is not None:
@@ -302,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         raise ValueError(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+    CLOCK[0] = time.process_time if args.clock == "cpu" else time.perf_counter
     d = out_dir(args.out, "runtime")
     print(machine(), f"(default threads {default}); load average {load()}")
     t0 = time.perf_counter()

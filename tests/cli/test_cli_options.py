@@ -4,6 +4,7 @@ the eval table's header, lora-init's default model."""
 from __future__ import annotations
 
 import argparse
+import os
 
 import pytest
 import torch
@@ -43,11 +44,17 @@ def test_every_working_command_takes_threads(name):
     assert "--threads" in _commands()[name]._option_string_actions
 
 
-def test_threads_default_and_validation():
+def test_threads_default_and_validation(monkeypatch):
     before = torch.get_num_threads()
     try:
         assert set_threads(1) == 1 and torch.get_num_threads() == 1
-        assert set_threads(None) == default_threads()
+        torch.set_num_threads(before)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # idle: every core, up to torch's default
+        assert default_threads() == min(cores, before)
+        monkeypatch.setattr(os, "getloadavg", lambda: (float(cores) + 3, 0.0, 0.0))  # busy: one thread
+        assert default_threads() == 1
+        assert set_threads(None) == 1 and torch.get_num_threads() == 1
         with pytest.raises(ValueError, match="--threads must be >= 1"):
             set_threads(0)
     finally:

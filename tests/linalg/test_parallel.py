@@ -68,6 +68,7 @@ def test_worker_count_and_default_lanes():
     assert worker_count("meta") == 1 and default_lanes(4096, "meta") == 1
     assert default_lanes(16) == 1  # tiny widths: one thread is already fast
     assert 1 <= default_lanes(1024) <= 4
+    assert default_lanes(11008) == 1  # one lane alone is ≈ 0.6 GB there
     with pytest.raises(CoalaError, match="lanes"):
         RFactor(8, lanes=0)
     with pytest.raises(CoalaError, match="lanes"):

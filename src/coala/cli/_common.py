@@ -39,17 +39,26 @@ def usable_cores() -> int:
 
 
 def default_threads() -> int:
-    """torch threads when --threads is not given: 1 on a machine with at most 2 usable cores (two threads on two
-    shared cores oversubscribe them: MKL's SVD then runs up to 10x slower), else torch's own default (one per
-    physical core)."""
-    return 1 if usable_cores() <= 2 else torch.get_num_threads()
+    """torch threads when --threads is not given: the cores that are idle now — usable cores minus the 1-minute
+    load average, rounded, at least 1 and at most torch's own default (one per physical core).
+
+    Threads on cores that other processes keep busy slow everything down (benchmarks/runtime.py, "busy": with one
+    of two cores taken, two-thread GEMMs run ≈ 2× slower than one thread, a threaded SVD up to 15×); on an idle
+    machine every core helps (the forward passes of calibration and evaluation scale with them). Where the load
+    average is unknown: 1 on a machine with at most 2 usable cores, else torch's default."""
+    cores = usable_cores()
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average (Windows)
+        return 1 if cores <= 2 else torch.get_num_threads()
+    return max(1, min(torch.get_num_threads(), int(cores - load + 0.5)))
 
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     """The ``--threads N`` option of every command that computes."""
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: 1 on a machine with at most 2 cores, else torch's default, "
-                             "one per physical core)")
+                        help="torch CPU threads (default: the idle cores, i.e. usable cores minus the 1-minute load "
+                             "average, at least 1)")
 
 
 def set_threads(threads: int | None) -> int:

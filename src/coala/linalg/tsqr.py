@@ -42,12 +42,18 @@ def default_block_rows(in_features: int, device: torch.device | str | None = Non
     return min(8192, max(2048, rows))
 
 
+LANES_BYTES = 2**29  # float32 bytes that the lanes' partial factors and buffers may take (512 MiB)
+
+
 def default_lanes(in_features: int, device: torch.device | str | None = None) -> int:
-    """Partial R factors updated side by side (``parallel.worker_count()`` on the CPU, at most ``MAX_LANES``;
-    1 on other devices and for n < 64, where one thread is already fast)."""
+    """Partial R factors updated side by side: ``parallel.worker_count()`` on the CPU, at most ``MAX_LANES`` and
+    as many as fit ``LANES_BYTES`` (each lane holds an n × n factor and block_rows × n buffered rows: at n = 11008
+    one lane alone is ≈ 0.6 GB, while wide inputs need the lanes least, their GEMMs scaling with the threads);
+    1 on other devices and for n < 64, where one thread is already fast."""
     if in_features < 64:
         return 1
-    return max(1, min(MAX_LANES, worker_count(device)))
+    per_lane = 4 * in_features * (in_features + default_block_rows(in_features, device))
+    return max(1, min(MAX_LANES, worker_count(device), LANES_BYTES // per_lane))
 
 
 class RFactor:
