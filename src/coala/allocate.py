@@ -278,6 +278,8 @@ class LayerEvidence:
     (for COALA ‖(W − W'_r)Xᵀ‖²_F; float64, on the CPU), from one decomposition of the original weight.
     ``sensitivity``: a ``coala.sensitivity.SensitivityCurve`` (measured output change when truncated alone).
     ``fisher``: c = Σ_t ‖∂L/∂y_t‖² / (d_out·T), the mean squared output gradient of the loss (``coala.fisher``).
+    ``heldout_loss``: loss[r] for r = 0..min(out, in), the truncation loss of rank r on calibration samples the
+    projection was NOT fitted on (2-fold cross-validation over the samples, ``coala.linalg.heldout``; float64).
     Each is filled only when the allocation declares it ``needs`` it.
     """
 
@@ -287,10 +289,11 @@ class LayerEvidence:
     tail_loss: Tensor | None = None
     sensitivity: Any = None
     fisher: float | None = None
+    heldout_loss: Tensor | None = None
 
 
 AllocateFn = Callable[[Mapping[str, LayerEvidence], float], dict[str, "int | None"]]
-EVIDENCE = ("tail_loss", "sensitivity", "fisher")
+EVIDENCE = ("tail_loss", "sensitivity", "fisher", "heldout_loss")
 
 
 @dataclass(frozen=True)

@@ -127,7 +127,8 @@ class BlockInputs:
 
     Per batch b: ``hidden(b)`` (batch × seq × hidden, model dtype), ``args[b]`` (the positional arguments after
     the hidden states), ``kwargs[b]`` (attention mask, position embeddings, …; without "hidden_states") and
-    ``masks[b]`` (the batch × seq padding mask, 1 = real token, or None when the batch has no padding).
+    ``masks[b]`` (the batch × seq padding mask, 1 = real token, or None when the batch has no padding) and
+    ``sizes[b]`` (its number of samples).
 
     The hidden states live in memory (one tensor per batch, overwritten in place) or, with ``offload_dir``,
     in one safetensors file per batch there, so that host memory does not grow with the number of samples.
@@ -137,6 +138,7 @@ class BlockInputs:
         self.args: list[tuple] = []
         self.kwargs: list[dict] = []
         self.masks: list[Tensor | None] = []
+        self.sizes: list[int] = []
         self.as_keyword: list[bool] = []
         self._hidden: list[Tensor | None] = []
         self.offload_dir = Path(offload_dir) if offload_dir is not None else None
@@ -153,6 +155,7 @@ class BlockInputs:
         self.args.append(args)
         self.kwargs.append(kwargs)
         self.masks.append(mask)
+        self.sizes.append(int(hidden.shape[0]))
         self.as_keyword.append(as_keyword)
         self._hidden.append(None)
         self.set_hidden(len(self._hidden) - 1, hidden)

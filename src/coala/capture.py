@@ -3,6 +3,11 @@
 Layers fed by the very same input tensor (q/k/v; gate/up; BERT's query/key/value) are detected on the first
 forward pass and share one ``ActivationStats``: their inputs are captured once. Padding rows are excluded
 through a (batch × seq) mask that the caller sets on ``capture.mask`` before each forward.
+
+With ``folds`` > 1 the rows are also kept in disjoint parts by calibration sample (the caller sets
+``capture.row_folds``, the fold of every batch row, next to the mask): ``fold_parts()`` are the accumulators
+(e.g. for a distributed reduction), and ``merge_folds()`` then makes each ``stats`` entry the exact merge of its
+parts, holding them as ``ActivationStats.folds`` for held-out evaluation (``coala.linalg.heldout``).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class InputCapture:
         kinds: statistics to collect ("r", "gram", "absmean").
         dtype: accumulation dtype of R / Gram (float32 or float64).
         device: where statistics live (default: each layer's weight device).
+        folds: keep the rows of each input in this many disjoint parts by sample (1: one stream).
 
     After use: ``stats`` maps a group key (the first layer's name) to its ActivationStats, and
     ``group_of`` maps every layer name to its group key.
@@ -47,11 +53,16 @@ class InputCapture:
         *,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        folds: int = 1,
     ) -> None:
+        if folds < 1:
+            raise ValueError(f"folds must be >= 1, got {folds}")
         self.root, self.layers, self.kinds = root, dict(layers), tuple(kinds)
-        self.dtype, self.device = dtype, device
+        self.dtype, self.device, self.folds = dtype, device, folds
         self.mask: Tensor | None = None
+        self.row_folds: Tensor | None = None  # (batch,) int: the fold of each sample of the next forward
         self.stats: dict[str, ActivationStats] = {}
+        self._parts: dict[str, list[ActivationStats]] = {}
         self.group_of: dict[str, str] = {}
         self._seen: dict[int, tuple[Tensor, str]] = {}
         self._handles: list = []
@@ -81,12 +92,41 @@ class InputCapture:
                 raise RuntimeError(f"layer {name} shared its input with {key} once but not now")
             if key not in self.stats:
                 device = self.device if self.device is not None else module.weight.device
-                self.stats[key] = ActivationStats(
-                    linear_in_features(module), self.kinds, dtype=self.dtype, device=device, name=name
-                )
-            self.stats[key].update(x.detach(), self._mask_for(x, name))
+                new = [ActivationStats(linear_in_features(module), self.kinds, dtype=self.dtype, device=device,
+                                       name=name) for _ in range(self.folds)]
+                self.stats[key], self._parts[key] = new[0], new
+            mask = self._mask_for(x, name)
+            if self.folds == 1:
+                self.stats[key].update(x.detach(), mask)
+                return
+            fold = self._folds_for(x, name)
+            for f, part in enumerate(self._parts[key]):
+                part.update(x.detach(), fold == f if mask is None else mask.bool() & (fold == f))
 
         return hook
+
+    def _folds_for(self, x: Tensor, name: str) -> Tensor:
+        """The fold of every row of x (its lead shape), from ``row_folds`` (one per sample of the batch)."""
+        if self.row_folds is None:
+            raise ValueError(f"capture with {self.folds} folds: set row_folds before the forward reaching {name}")
+        lead = tuple(x.shape[:-1])
+        per_row = self.row_folds.to(x.device)
+        if len(lead) >= 1 and lead[0] == per_row.shape[0]:
+            return per_row.reshape(-1, *([1] * (len(lead) - 1))).expand(lead)
+        if x[..., 0].numel() % per_row.shape[0] == 0:  # (batch · seq) rows flattened
+            return per_row.repeat_interleave(x[..., 0].numel() // per_row.shape[0]).reshape(lead)
+        raise ValueError(f"row_folds of {per_row.shape[0]} samples do not fit the input of {name} of shape "
+                         f"{tuple(x.shape)}")
+
+    def fold_parts(self) -> list[ActivationStats]:
+        """Every accumulator, in a fixed order: the folds' parts (with folds > 1) or the statistics themselves."""
+        return [part for key in sorted(self._parts) for part in self._parts[key]]
+
+    def merge_folds(self) -> None:
+        """With folds > 1: each ``stats`` entry becomes the exact merge of its parts (``ActivationStats.of_folds``),
+        which it keeps as ``.folds``. Call once, after the forwards (and after reducing ``fold_parts()``)."""
+        if self.folds > 1:
+            self.stats = {key: ActivationStats.of_folds(parts) for key, parts in self._parts.items()}
 
     def _mask_for(self, x: Tensor, name: str) -> Tensor | None:
         if self.mask is None:

@@ -25,7 +25,7 @@ from .compress import calibration_set, collect_statistics, decompose_layers
 from .config import CalibrationConfig, CompressConfig, RuntimeConfig, csv_floats, csv_names, option
 from .distributed import balance, gather_json, is_main, rank, world_size
 from .fisher import gradient_scales
-from .layer_solve import solve_layers
+from .layer_solve import heldout_curves, solve_layers
 from .linalg.dtypes import ACCUMULATION_DTYPES
 from .linalg.methods import get_method
 from .planning import plan_from_decompositions
@@ -223,14 +223,16 @@ def compare(model: nn.Module, tokenizer, config: CompareConfig | None = None, *,
             continue
         local[method] = []
         t = time.perf_counter()
-        decs = decompose_layers(model, stats, config.compress_config(method, config.ratios[0]), device=runtime.device,
-                                progress=runtime.progress)
+        first = config.compress_config(method, config.ratios[0])
+        decs = decompose_layers(model, stats, first, device=runtime.device, progress=runtime.progress)
+        heldout = (heldout_curves(layers, stats, first) if "heldout_loss" in get_allocation(
+            first.resolved_allocation).needs else None)  # one per method: they do not depend on the ratio
         times["solve_s"] += time.perf_counter() - t
         for ratio in config.ratios:
             t = time.perf_counter()
             cell = config.compress_config(method, ratio)
             with torch.no_grad():
-                plan = plan_from_decompositions(model, layers, cell, decs, fisher=fisher)
+                plan = plan_from_decompositions(model, layers, cell, decs, stats, fisher=fisher, heldout=heldout)
                 candidate = copy.deepcopy(model)
                 report_rows, _ = solve_layers(candidate, layers, stats, plan, cell, device=runtime.device,
                                               decompositions=decs, progress=False)

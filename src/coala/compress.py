@@ -197,7 +197,9 @@ def collect_statistics(model: nn.Module, calibration="builtin", config: Compress
     """One calibration pass over the ORIGINAL model (propagate="original"): full layer name → statistics.
 
     Statistics kinds: the union of the needs of ``methods`` (default ``[config.method]``) plus R when
-    ``config.error_stats``. Layers fed the same input map to the very same ``ActivationStats`` object.
+    ``config.error_stats``. Layers fed the same input map to the very same ``ActivationStats`` object. When the
+    allocation of one of the methods needs held-out curves (COALA's default, "fisher"), each also keeps its rows
+    in two folds of the calibration samples (``ActivationStats.folds``; ``config.folds``).
     Statistics are moved to the CPU after each block. The model is not modified. In a distributed run each rank
     streams its shard of the batches and every rank returns the statistics of all of them (docs/design.md §12).
     """
@@ -220,7 +222,7 @@ def collect_statistics(model: nn.Module, calibration="builtin", config: Compress
         out.update({name: moved[step.capture.group_of[name]] for name in step.layers})
 
     walker.walk(keep, kinds=config.kinds(methods), dtype=config.accumulation_dtype, propagate="original",
-                desc="calibrate blocks")
+                desc="calibrate blocks", folds=config.folds(methods))
     return out
 
 

@@ -24,7 +24,7 @@ from dataclasses import MISSING, dataclass, field, fields
 
 import torch
 
-from .allocate import allocation_names
+from .allocate import allocation_names, get_allocation
 from .errors import CoalaError, CoalaTypeError
 from .linalg.dtypes import ACCUMULATION_DTYPES
 from .linalg.methods import METHODS, get_method
@@ -189,9 +189,13 @@ class CompressConfig:
     @property
     def resolved_allocation(self) -> str:
         """The allocation that runs: "uniform" when ranks are forced, the method's own for "auto"."""
+        return self.allocation_for(self.method)
+
+    def allocation_for(self, method: str) -> str:
+        """The allocation these settings run with ``method``."""
         if self.rank is not None:
             return "uniform"
-        return get_method(self.method).allocation if self.allocation == "auto" else self.allocation
+        return get_method(method).allocation if self.allocation == "auto" else self.allocation
 
     @property
     def resolved_propagate(self) -> str:
@@ -207,7 +211,13 @@ class CompressConfig:
         kinds: set[str] = set()
         for name in methods or [self.method]:
             kinds |= set(get_method(name).needs)
-        return kinds | ({"r"} if self.error_stats else set())
+        return kinds | ({"r"} if self.error_stats or self.folds(methods) > 1 else set())
+
+    def folds(self, methods: Iterable[str] | None = None) -> int:
+        """Parts the calibration statistics keep (by sample): 2 when the allocation of any of ``methods``
+        (default ``[self.method]``) needs held-out truncation curves, else 1."""
+        needs = [get_allocation(self.allocation_for(name)).needs for name in methods or [self.method]]
+        return 2 if any("heldout_loss" in n for n in needs) else 1
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,10 @@ Replacing a layer's weight W by W' changes its outputs by Δy_t = (W − W') x_t
     ΔL ≈ ½ Σ_t (g_tᵀ Δy_t)²,        g_t = ∂L/∂y_t   (the gradient at the layer's output, original model).
 
 Averaging g_t g_tᵀ to an isotropic c·I per layer (c_ℓ = Σ_t ‖g_t‖² / (d_out · T)) turns this into
-ΔL_ℓ(r) ≈ ½ c_ℓ · ‖(W − W'_r)Xᵀ‖²_F = ½ c_ℓ · loss_ℓ(r): the exact truncation-loss curve of the layer's own
-decomposition (free with COALA, docs/design.md §1), scaled by one number per layer measured in ONE forward and
-backward pass of the original model (docs/design.md §6, "Fisher allocation").
+ΔL_ℓ(r) ≈ ½ c_ℓ · ‖(W − W'_r)Xᵀ‖²_F = ½ c_ℓ · loss_ℓ(r): the truncation-loss curve of the layer's own
+decomposition, measured on calibration samples the projection was not fitted on (``coala.linalg.heldout``),
+scaled by one number per layer measured in ONE forward and backward pass of the original model
+(docs/design.md §6, "Fisher allocation").
 
 The loss L: models with logits — the summed next-token NLL of the samples; encoders (no loss of their own) —
 Σ_s ⟨z_s, e_s⟩ with e_s the unit mean-pooled sentence embedding and z_s ~ N(0, I) a fixed random direction per
@@ -121,17 +122,21 @@ def gradient_scales(model: nn.Module, layers: Mapping[str, nn.Module], batches: 
     return scales
 
 
-@register_allocation("fisher", needs=("tail_loss", "fisher"))
+@register_allocation("fisher", needs=("heldout_loss", "fisher"))
 def fisher_allocation(evidence: Mapping[str, LayerEvidence], ratio: float) -> dict[str, int | None]:
     """Ranks minimising Σ_ℓ c_ℓ · loss_ℓ(r_ℓ) (the predicted loss increase, this module's docstring) under the
-    parameter budget (``lagrangian_ranks``): any rank from 1 to the largest that saves parameters, or dense."""
+    parameter budget (``lagrangian_ranks``): any rank from 1 to the largest that saves parameters, or dense.
+    loss_ℓ is the held-out truncation loss (fitted on half of the calibration samples, measured on the other
+    half, both ways): the in-sample tail under-states the error of wide layers fitted on few tokens, and an
+    allocation that trusts it cuts exactly those (docs/design.md §6)."""
     options = {}
     for name, e in evidence.items():
         m, n = e.shape
         top = (m * n - 1) // (m + n)
         if top < 1:
             continue
-        tail = e.tail_loss.to(torch.float64)[1 : top + 1] * e.fisher
+        loss = e.heldout_loss.to(torch.float64)
+        tail = loss[1 : top + 1] * e.fisher
         options[name] = RankOptions(e.shape, [*range(1, top + 1), None],
                                     torch.cat([tail, torch.zeros(1, dtype=torch.float64)]))
     return lagrangian_ranks(options, {name: e.shape for name, e in evidence.items()}, ratio)

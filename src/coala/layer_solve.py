@@ -21,6 +21,7 @@ from .capture import InputCapture
 from .compress_report import LayerReport
 from .config import CompressConfig
 from .linalg.decomposition import Decomposition
+from .linalg.heldout import generalization_loss
 from .linalg.methods import decompose
 from .linalg.parallel import parallel_map, worker_count
 from .linalg.stats import ActivationStats
@@ -85,6 +86,28 @@ def decompose_layer(module: nn.Module, stats: ActivationStats | None, config: Co
     return decompose_weight(*weight_and_stats(module, stats, device), config, name)
 
 
+def heldout_curve(module: nn.Module, stats: ActivationStats | None, config: CompressConfig, name: str,
+                  device: torch.device | None = None) -> Tensor:
+    """The layer's truncation loss on new rows, estimated by cross-validation (float64, (min(out, in) + 1,), CPU):
+    ``config``'s method fitted on each half of the calibration samples and evaluated on both halves
+    (``coala.linalg.heldout.generalization_loss``). The statistics must hold their folds (``folds=2``)."""
+    if stats is None or stats.folds is None:
+        raise ValueError(f"layer {name}: the held-out truncation loss needs statistics kept in folds of the "
+                         "calibration samples (collect them with folds=2)")
+    W, stats = weight_and_stats(module, stats, device)
+    Wc = W.to(stats.dtype)
+    return generalization_loss(Wc, stats.folds, lambda part: decompose_weight(Wc, part, config, name).basis())
+
+
+def heldout_curves(layers: Mapping[str, nn.Module], source: StatsSource, config: CompressConfig,
+                   device: torch.device | None = None) -> dict[str, Tensor]:
+    """``heldout_curve`` of every layer of ``layers`` (full name → module), side by side on the CPU's workers."""
+    names = list(layers)
+    curves = parallel_map(lambda n: heldout_curve(layers[n], stats_for(source, n), config, n, device), names,
+                          workers=worker_count(device))
+    return dict(zip(names, curves, strict=True))
+
+
 def new_evidence(shapes: Mapping[str, tuple[int, int]], prefix: str | None = None) -> dict[str, LayerEvidence]:
     return {name: LayerEvidence(name, layer_kind(name, prefix), shape) for name, shape in shapes.items()}
 
@@ -94,8 +117,9 @@ def add_evidence(evidence: dict[str, LayerEvidence], decompositions: Mapping[str
                  layers: Mapping[str, nn.Module] | None = None, probe: sensitivity.Probe | None = None) -> None:
     """Fill ``evidence`` for the layers of ``decompositions`` (from the ORIGINAL weights): truncation-loss curves,
     and with "sensitivity" in ``needs`` each layer of ``layers`` truncated alone in ``model`` (where it lives)."""
-    for name, dec in decompositions.items():
-        evidence[name].tail_loss = dec.truncation_loss().cpu()
+    if "tail_loss" in needs or "sensitivity" in needs:
+        for name, dec in decompositions.items():
+            evidence[name].tail_loss = dec.truncation_loss().cpu()
     if "sensitivity" in needs:
         curves = sensitivity.measure(model, {n: layers[n] for n in decompositions}, decompositions, probe.batches,
                                      probe.reference, probe.ratios)

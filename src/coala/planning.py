@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from .allocate import get_allocation
 from .config import CompressConfig
 from .fisher import gradient_scales
-from .layer_solve import add_evidence, decompose_layer, forced_ranks, new_evidence, stats_for
+from .layer_solve import add_evidence, decompose_layer, forced_ranks, heldout_curves, new_evidence, stats_for
 from .linalg.decomposition import Decomposition
 from .linalg.methods import get_method
 from .lowrank import linear_shape
@@ -46,7 +46,14 @@ def plan_in_pass(walker: BlockWalker, config: CompressConfig, batches: Sequence[
             all_layers = {name: m for layers in walker.layers for name, m in layers.items()}
             add_fisher(evidence, walker.model, all_layers, batches, config)
 
+        heldout = "heldout_loss" in allocation.needs
+
         def solve(step: BlockStep) -> dict[str, Decomposition]:
+            if heldout:
+                for name, curve in heldout_curves(step.layers, step.capture, config).items():
+                    evidence[name].heldout_loss = curve
+            if not allocation.needs & {"tail_loss", "sensitivity"}:
+                return {}
             return {name: decompose_layer(module, stats_for(step.capture, name), config, name)
                     for name, module in step.layers.items()}
 
@@ -54,8 +61,9 @@ def plan_in_pass(walker: BlockWalker, config: CompressConfig, batches: Sequence[
             add_evidence(evidence, decompositions, allocation.needs, model=walker.model, layers=step.layers,
                          probe=probe)
 
-        walker.walk(solve, kinds=get_method(config.method).needs, dtype=config.accumulation_dtype,
-                    propagate="original", after=after, desc=f"{allocation.name} allocation")
+        kinds = get_method(config.method).needs | ({"r"} if heldout else set())
+        walker.walk(solve, kinds=kinds, dtype=config.accumulation_dtype, propagate="original", after=after,
+                    desc=f"{allocation.name} allocation", folds=2 if heldout else 1)
     return allocation.allocate(evidence, float(config.ratio))
 
 
@@ -68,9 +76,11 @@ def plan_from_decompositions(
     probe: Probe | None = None,
     batches: Sequence[dict[str, Tensor]] | None = None,
     fisher: Mapping[str, float] | None = None,
+    heldout: Mapping[str, Tensor] | None = None,
 ) -> Plan:
     """The plan for ``layers`` (full name → module of the original ``model``) from ready ``decompositions`` (or
-    ones computed here from ``stats`` when the allocation needs them). Sensitivity needs a ``probe``."""
+    ones computed here from ``stats`` when the allocation needs them). Sensitivity needs a ``probe``; held-out
+    curves come from ``heldout`` (``layer_solve.heldout_curves``) or from ``stats`` collected in folds."""
     shapes = {name: linear_shape(m) for name, m in layers.items()}
     if config.rank is not None:
         return forced_ranks(shapes, config.rank)
@@ -89,10 +99,15 @@ def plan_from_decompositions(
                                  "the calibration batches (apply_low_rank(..., batches=)), use coala.compress, or "
                                  "choose allocation='uniform'")
             add_fisher(evidence, model, layers, batches, config)
+        if "heldout_loss" in allocation.needs:
+            curves = heldout if heldout is not None else heldout_curves(layers, stats, config)
+            for name in layers:
+                evidence[name].heldout_loss = curves[name]
         decs = dict(decompositions or {})
-        for name, module in layers.items():
-            if name not in decs:
-                decs[name] = decompose_layer(module, stats_for(stats, name), config, name)
+        if allocation.needs & {"tail_loss", "sensitivity"}:
+            for name, module in layers.items():
+                if name not in decs:
+                    decs[name] = decompose_layer(module, stats_for(stats, name), config, name)
         add_evidence(evidence, decs, allocation.needs, model=model, layers=layers, probe=probe)
     return allocation.allocate(evidence, float(config.ratio))
 

@@ -110,13 +110,15 @@ class BlockWalker:
         done: int = 0,
         restore: Callable[[dict[str, Tensor], dict], Any] | None = None,
         desc: str = "blocks",
+        folds: int = 1,
     ) -> list[Any]:
         """Run the loop of the module docstring over every block; returns what ``solve`` (or ``restore``, for the
         first ``done`` blocks read back from ``checkpoint``) returned for each block.
 
         ``kinds``: statistics to collect ("r", "gram", "absmean"; none: no forward pass runs at all), accumulated
         in ``dtype``. With ``checkpoint``, ``solve`` returns an object with ``state`` (tensors) and ``meta``
-        (JSON), saved after each block.
+        (JSON), saved after each block. ``folds`` > 1: the statistics also keep their rows in that many parts, by
+        calibration sample (sample j of the walk in part j mod folds; ``InputCapture``), as ``stats.folds``.
         """
         if propagate not in ("original", "compressed"):
             raise ValueError(f"propagate must be 'original' or 'compressed', got {propagate!r}")
@@ -137,7 +139,8 @@ class BlockWalker:
                     continue
                 with self._on_device(i):
                     if forward:
-                        step.capture = self._statistics(i, kinds, dtype, write=propagate == "original" and i < last)
+                        step.capture = self._statistics(i, kinds, dtype, write=propagate == "original" and i < last,
+                                                        folds=folds)
                     t0 = time.perf_counter()
                     result = solve(step)
                     self.times["solve"] += time.perf_counter() - t0
@@ -155,18 +158,19 @@ class BlockWalker:
                 results.append(result)
         return results
 
-    def _statistics(self, i: int, kinds: set[str], dtype: torch.dtype, write: bool) -> InputCapture:
+    def _statistics(self, i: int, kinds: set[str], dtype: torch.dtype, write: bool, folds: int = 1) -> InputCapture:
         """Statistics of the inputs of block i's targeted layers (one ActivationStats per distinct input), on the
         device; with ``write``, the batches' hidden states become the (unchanged) block's outputs."""
-        with InputCapture(self.blocks[i], self.layers[i], kinds, dtype=dtype, device=self.device) as cap:
+        with InputCapture(self.blocks[i], self.layers[i], kinds, dtype=dtype, device=self.device, folds=folds) as cap:
             self._run(i, capture=cap, write=write, desc="calibrate")
         missing = [name for name in self.layers[i] if name not in cap.group_of]
         if missing:
             raise ValueError(f"layer {missing[0]} received no input during the calibration forward passes")
         if is_distributed():  # each rank saw its shard of the batches: reduce to the statistics of all of them
             t0 = time.perf_counter()
-            all_reduce_([cap.stats[k] for k in sorted(cap.stats)], what=f"statistics of {self.block_name(i)}")
+            all_reduce_(cap.fold_parts(), what=f"statistics of {self.block_name(i)}")
             self.times["forward"] += time.perf_counter() - t0  # part of the calibration time
+        cap.merge_folds()
         return cap
 
     def _replay(self, i: int, checkpoint: BlockCheckpoint, restore, propagate: str, forward: bool) -> Any:
@@ -207,10 +211,14 @@ class BlockWalker:
         block, inputs = self.blocks[i], self.inputs
         t0 = time.perf_counter()
         bar = tqdm(range(len(inputs)), desc=f"{desc} {self.block_name(i)}", disable=not self.progress, leave=False)
+        first = 0  # index of the batch's first sample in the walk
         with torch.no_grad():
             for b in bar:
                 if capture is not None:
                     capture.mask = inputs.masks[b]
+                    rows = inputs.sizes[b]
+                    capture.row_folds = torch.arange(first, first + rows) % capture.folds
+                    first += rows
                 args, kwargs = inputs.call(b, self.device)
                 out = block(*args, **kwargs)
                 del args, kwargs

@@ -74,9 +74,9 @@ def test_encoder_scales_are_seeded_and_positive():
 def test_fisher_allocation_spends_the_budget_where_the_loss_cares_least():
     tail = torch.linspace(1.0, 0.0, 33, dtype=torch.float64) ** 2  # loss[r], r = 0..32
     evidence = {
-        "careless": LayerEvidence("careless", "a", (32, 32), tail_loss=tail, fisher=1e-6),
-        "sensitive": LayerEvidence("sensitive", "b", (32, 32), tail_loss=tail, fisher=1e6),
-        "middle": LayerEvidence("middle", "c", (32, 32), tail_loss=tail, fisher=1.0),
+        "careless": LayerEvidence("careless", "a", (32, 32), heldout_loss=tail, fisher=1e-6),
+        "sensitive": LayerEvidence("sensitive", "b", (32, 32), heldout_loss=tail, fisher=1e6),
+        "middle": LayerEvidence("middle", "c", (32, 32), heldout_loss=tail, fisher=1.0),
     }
     plan = fisher_allocation(evidence, 0.3)
     assert plan["sensitive"] is None  # kept dense

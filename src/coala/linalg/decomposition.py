@@ -30,6 +30,12 @@ class Decomposition(ABC):
         the singular values it truncates (float64). For COALA it is exactly ‖(W − W'_r)Xᵀ‖²_F."""
         return tail_sums_of_squares(self.S, self.max_rank + 1)
 
+    def basis(self) -> Tensor:
+        """U (out × k): every method here truncates by a left projection, W'_r = U_r U_rᵀ W (exactly for coala,
+        svd, asvd and svd-llm; for svd-llm-v2 up to the Gram null directions it drops). Used to evaluate the fit on
+        other rows (``coala.linalg.heldout``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its projection basis")
+
     def factors(self, rank: int) -> tuple[Tensor, Tensor]:
         rank = check_rank(rank, self.out_features, self.in_features, getattr(self, "name", None))
         return self._factors(rank)
@@ -44,6 +50,9 @@ class BalancedSVD(Decomposition):
     def __init__(self, U: Tensor, S: Tensor, Vh: Tensor, right: Tensor | None, out_in: tuple[int, int]):
         self.U, self.S, self.Vh, self.right = U, S, Vh, right
         self.out_features, self.in_features = out_in
+
+    def basis(self) -> Tensor:
+        return self.U
 
     def _factors(self, rank: int) -> tuple[Tensor, Tensor]:
         root = self.S[:rank].sqrt()

@@ -51,6 +51,13 @@ class CoalaDecomposition(Decomposition):
         floor = (max(self.W.shape) * torch.finfo(self.W.dtype).eps) ** 2 * w_sq
         return self.mu * weighted / plain if plain > floor else 0.0
 
+    def basis(self) -> Tensor:
+        """U of W R(μ)ᵀ for the fixed μ (with the adaptive rule, whose μ depends on the rank: the μ = 0 basis)."""
+        mu = 0.0 if self.adaptive_mu else self.mu
+        if mu not in self._by_mu:
+            self._by_mu[mu] = _left_singular(self.W, regularize(self.R, mu))[0]
+        return self._by_mu[mu]
+
     def _factors(self, rank: int) -> tuple[Tensor, Tensor]:
         mu = self.effective_mu(rank)
         if mu not in self._by_mu:

@@ -105,11 +105,24 @@ class ActivationStats:
         unknown = kinds - set(STAT_KINDS)
         if unknown:
             raise ValueError(f"unknown statistics {sorted(unknown)}; choose from {STAT_KINDS}")
-        self.in_features, self.name, self.dtype = in_features, name, dtype
+        self.in_features, self.name, self.dtype, self.device = in_features, name, dtype, device
         self.r = RFactor(in_features, dtype=dtype, device=device, name=name) if "r" in kinds else None
         self.gram = GramAccumulator(in_features, dtype=dtype, device=device, name=name) if "gram" in kinds else None
         self.absmean = AbsMeanAccumulator(in_features, device=device, name=name) if "absmean" in kinds else None
         self.num_rows = 0
+        self.folds: list[ActivationStats] | None = None  # the disjoint parts this was merged from (``of_folds``)
+
+    @classmethod
+    def of_folds(cls, folds: list[ActivationStats]) -> ActivationStats:
+        """The statistics of all rows of ``folds`` (disjoint parts of one stream, e.g. alternate calibration
+        samples), merged exactly into a new object (the parts are not changed) that keeps them as ``folds`` for
+        held-out evaluation (``coala.linalg.heldout``)."""
+        first = folds[0]
+        out = cls(first.in_features, first.kinds, dtype=first.dtype, device=first.device, name=first.name)
+        for part in folds:
+            out.merge(part)
+        out.folds = list(folds)
+        return out
 
     @property
     def kinds(self) -> set[str]:
@@ -133,7 +146,9 @@ class ActivationStats:
     def to(self, device: torch.device | str) -> ActivationStats:
         """A copy on ``device`` in the same accumulation dtype (pending rows of an R factor are folded in first)."""
         out = ActivationStats(self.in_features, self.kinds, dtype=self.dtype, device=device, name=self.name)
-        return out.load_state_dict(self.state_dict())
+        out.load_state_dict(self.state_dict())
+        out.folds = [part.to(device) for part in self.folds] if self.folds is not None else None
+        return out
 
     def _parts(self) -> list:
         return [acc for acc in (self.r, self.gram, self.absmean) if acc is not None]
