@@ -138,7 +138,7 @@ class RFactor:
             self._R = self._R.contiguous().clone()
             self._R_shared = False
         # a full buffer always goes to every lane; a partial one when each lane gets min(n, block_rows) rows (the
-        # old rule, n rows each, kept n ≥ 4096 on one lane for good: its lanes get 2048 rows)
+        # former rule, n rows each, kept every n > block_rows, e.g. n = 4096 with 2048 rows, on one lane for good)
         used = self.lanes if fill >= self.lanes * min(self.in_features, self.block_rows) else 1
         step = -(-fill // used)
         chunks = [(i, i * step, min(fill, (i + 1) * step)) for i in range(used)]
