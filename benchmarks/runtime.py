@@ -13,7 +13,8 @@ tasks alternate, so that load on a shared machine hits all of them alike); ratio
    coala (RFactor, SVD of W Rᵀ) against SVD-LLM (Gram, float64 Cholesky and inverse, SVD of W L). Target ≤ 1.0.
 3. busy (2 threads' worth of cores or fewer): one other process spins on a core, as on a shared machine; R stream,
    Gram stream and a 1536 × 576 SVD at 1 and 2 threads — why coala's command line defaults to 1 thread there.
-4. sweep (1 thread, n = 1024): rows per update, panel and leaf width of the kernel (``qr_update.PANEL/LEAF``).
+4. sweep (n = 576 and 1024, each thread count): rows per update and lane, panel and leaf width of the kernel
+   (``qr_update.PANEL/LEAF``).
 5. gpu (only when CUDA is available): n = 1024 and 4096, 262,144 rows: Gram against the stacked geqrf (one
    cuSOLVER geqrf of [R; X_b] per block, what RFactor does on a GPU) and the blocked kernel run on the GPU.
 """
@@ -46,7 +47,7 @@ from _report import machine, markdown_table, new_figure, out_dir, write_markdown
 
 LOADER_ROWS = 2048
 FULL = {"streams": {576: 65_536, 1024: 65_536, 2048: 32_768, 4096: 32_768}, "route": (1024, 4096),
-        "route_rows": 32_768, "sweep_n": 1024, "sweep_rows": 65_536, "gpu": (1024, 4096), "gpu_rows": 262_144,
+        "route_rows": 32_768, "sweep_n": (576, 1024), "sweep_rows": 65_536, "gpu": (1024, 4096), "gpu_rows": 262_144,
         "repeats": 3}
 QUICK = {"streams": {256: 16_384, 576: 16_384}, "route": (256,), "route_rows": 8_192, "sweep_n": 256,
          "sweep_rows": 16_384, "gpu": (256,), "gpu_rows": 32_768, "repeats": 2}
@@ -163,7 +164,8 @@ def bench_route(cfg: dict, threads: list[int]) -> list[dict]:
 
 def bench_busy(cfg: dict) -> list[dict]:
     """R / Gram streams and a small SVD at 1 and 2 threads while another process spins on one core."""
-    s = make_stream(cfg["sweep_n"], 16_384, seed=5)
+    n = cfg["sweep_n"][-1] if isinstance(cfg["sweep_n"], (tuple, list)) else cfg["sweep_n"]
+    s = make_stream(n, 16_384, seed=5)
     M = torch.randn(1536, 576, generator=torch.Generator().manual_seed(6))
     tasks: dict[str, Callable[[], object]] = {}
     for t in (1, 2):
@@ -180,25 +182,30 @@ def bench_busy(cfg: dict) -> list[dict]:
     return [{"task": k.split("@")[0], "threads": int(k.split("@")[1]), "s": v} for k, v in r.items()]
 
 
-def bench_sweep(cfg: dict) -> list[dict]:
-    """Rows per update, panel and leaf width at one thread."""
-    torch.set_num_threads(1)
-    n = cfg["sweep_n"]
-    s = make_stream(n, cfg["sweep_rows"], seed=1)
-    tasks: dict[str, Callable[[], object]] = {"gram": lambda: gram_stream(s)}
-    for b in (2048, 4096, 8192, 16384):
-        tasks[f"block_rows={b}"] = lambda b=b: r_stream(s, block_rows=b)
-    for panel, leaf in ((64, 16), (128, 16), (128, 32), (256, 32)):
-        def tuned(panel=panel, leaf=leaf) -> Tensor:
-            old = qr.PANEL, qr.LEAF
-            qr.PANEL, qr.LEAF = panel, leaf
-            try:
-                return r_stream(s)
-            finally:
-                qr.PANEL, qr.LEAF = old
-        tasks[f"panel={panel} leaf={leaf}"] = tuned
-    r = race(tasks, cfg["repeats"])
-    return [{"setting": k, "s": v, "x_gram": v / r["gram"]} for k, v in r.items() if k != "gram"]
+def bench_sweep(cfg: dict, threads: list[int]) -> list[dict]:
+    """Rows per update (per lane), panel and leaf width, for each sweep width and thread count."""
+    out = []
+    widths = cfg["sweep_n"] if isinstance(cfg["sweep_n"], (tuple, list)) else (cfg["sweep_n"],)
+    for n in widths:
+        s = make_stream(n, cfg["sweep_rows"], seed=1)
+        for t in threads:
+            torch.set_num_threads(t)
+            tasks: dict[str, Callable[[], object]] = {"gram": lambda s=s: gram_stream(s)}
+            for b in (2048, 4096, 8192, 16384):
+                tasks[f"block_rows={b}"] = lambda b=b, s=s: r_stream(s, block_rows=b)
+            for panel, leaf in ((64, 16), (64, 32), (128, 16), (128, 32), (128, 64), (128, 128), (256, 32)):
+                def tuned(panel=panel, leaf=leaf, s=s) -> Tensor:
+                    old = qr.PANEL, qr.LEAF
+                    qr.PANEL, qr.LEAF = panel, leaf
+                    try:
+                        return r_stream(s)
+                    finally:
+                        qr.PANEL, qr.LEAF = old
+                tasks[f"panel={panel} leaf={leaf}"] = tuned
+            r = race(tasks, cfg["repeats"])
+            out += [{"n": n, "threads": t, "setting": k, "s": v, "x_gram": v / r["gram"]}
+                    for k, v in r.items() if k != "gram"]
+    return out
 
 
 def bench_gpu(cfg: dict, device: str = "cuda") -> list[dict]:
@@ -241,9 +248,10 @@ def report(res: dict, cfg: dict, wall: float) -> str:
         parts.append("## One other process spinning on a core\n\n" + markdown_table(
             ["task", "threads", "s"], [[r["task"], r["threads"], r["s"]] for r in res["busy"]]))
     if "sweep" in res:
-        parts.append(f"## Kernel settings, n = {cfg['sweep_n']}, 1 thread (shipped: panel {qr.PANEL}, leaf "
-                     f"{qr.LEAF}, block rows {default_block_rows(cfg['sweep_n'])})\n\n" + markdown_table(
-                         ["setting", "s", "× Gram"], [[r["setting"], r["s"], r["x_gram"]] for r in res["sweep"]]))
+        parts.append(f"## Kernel settings (shipped: panel {qr.PANEL}, leaf {qr.LEAF}, block rows per lane "
+                     "default_block_rows(n, lanes))\n\n" + markdown_table(
+                         ["n", "threads", "setting", "s", "× Gram"],
+                         [[r["n"], r["threads"], r["setting"], r["s"], r["x_gram"]] for r in res["sweep"]]))
     if "gpu" in res:
         parts.append("## GPU: streaming R\n\n" + markdown_table(
             ["n", "rows", "Gram s", "stacked geqrf s", "blocked kernel s", "stacked / Gram", "blocked / Gram"],
@@ -324,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         if "busy" in sections:
             res["busy"] = bench_busy(cfg)
         if "sweep" in sections:
-            res["sweep"] = bench_sweep(cfg)
+            res["sweep"] = bench_sweep(cfg, threads)
         if "gpu" in sections and torch.cuda.is_available():
             res["gpu"] = bench_gpu(cfg)
     torch.set_num_threads(default)

@@ -147,6 +147,6 @@ def test_direct_lapack_leaves_match_torch_geqrf_and_the_fallback(monkeypatch):
 
 def test_default_block_rows_grows_for_narrow_inputs():
     assert default_block_rows(576) == 8192 and default_block_rows(1024) == 8192
-    assert default_block_rows(2048) == 4096 and default_block_rows(4096) == 2048
+    assert default_block_rows(2048) == 4096 and default_block_rows(4096) == 4096
     assert default_block_rows(16384) == 2048 and default_block_rows(1) == 8192
     assert q.PANEL >= q.LEAF >= 1

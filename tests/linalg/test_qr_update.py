@@ -204,7 +204,7 @@ def test_bad_shapes_raise():
 def test_default_block_rows():
     for n in (1, 64, 1024, 4096, 16384):
         b = default_block_rows(n)
-        assert isinstance(b, int) and b * n <= max(2**23, 2048 * n)  # buffer ≤ max(32 MB, 8 KB · n) in fp32
+        assert isinstance(b, int) and b * n <= max(2**24, 2048 * n)  # buffer ≤ max(64 MB, 8 KB · n) in fp32
         assert default_block_rows(n, "cpu") == b
         if n <= 1024:
             assert RFactor(n).block_rows == b

@@ -18,8 +18,14 @@ same count as the Gram update XᵀX. The work is arranged so that almost all of 
 Where the time goes (docs/design.md §11): the trailing updates are 2·b·n·(n − k) flops of large GEMMs; the panels
 are ≈ 3·b·k·n flops (the Householder work inside the panels plus T, ≈ k/(2n) more flops than the Gram) in narrow
 GEMMs and BLAS-2 leaves that run at roughly half the GEMM rate, plus one transposing copy of the block into the
-panel scratch. Hence the cost relative to the Gram update falls with n: ≈ 1.8× at n = 576, 1.4× at 1024, 1.2×
-at 4096 on one thread of this project's machine.
+panel scratch. Profiled at n = 576, b = 8192, one thread: trailing GEMMs 48 ms (83–97 GF/s, the Gram's GEMM runs
+at ≈ 100), panels 38 ms (geqrf leaves 13, leaf T factors 6, node GEMMs 20), the copy into the scratch 11 ms, the
+small torch calls ≈ 3.5 ms; the Gram of the same rows 54 ms. Hence the cost relative to the Gram update falls
+with n: 1.79× at n = 576, 1.41× at 1024, 1.30× at 2048, 1.24× at 4096 on one thread of this project's machine
+(core-pinned, benchmarks/runtime.py). Tried without gain (within ±5 % noise): panel/leaf 64/16 … 256/32 and
+leaf = panel (one MKL geqrf per panel, 57 GF/s, then T by one GEMM: the same 7.5 ms per panel as the recursion),
+the copy in 1024-row pieces, MKL's ``somatcopy`` for it (2× slower than torch's two-step copy), a row-major
+V, a column-major buffer (torch's transposing fill costs 45 ms per 8192 rows at n = 1024).
 
 Every transform is an orthogonal Householder reflector, so the result is backward stable: it is the exact R
 of [R; rows] + E with ‖E‖ = O(eps)·‖[R; rows]‖ (no Gram matrix, no Cholesky, no Gram–Schmidt).
@@ -39,7 +45,8 @@ PANEL = 128  # columns per panel: the width k of the trailing GEMMs (b × k) · 
 LEAF = 32  # columns per LAPACK geqrf call (always on one MKL thread: threaded, it is 3–5× slower on these
 # tall-skinny panels). Its BLAS-2 work grows ∝ b·n·LEAF; each leaf and node costs ≈ 10–20 small torch calls
 # (≈ 5 µs each). Measured at one thread (benchmarks/runtime.py sweep): 16 and 32 within noise, 32 ahead at
-# n ≥ 1024 by 2–5 % (half the calls).
+# n ≥ 1024 by 2–5 % (half the calls); at n = 576, panel/leaf 64/32, 96/16, 128/16, 128/32, 128/64 and 128/128 all
+# 1.75–1.84× the Gram per update.
 
 
 def normalize_signs(R: Tensor) -> Tensor:

@@ -27,19 +27,21 @@ MAX_LANES = 4  # partial factors per RFactor at most: each costs n² values, and
 def default_block_rows(in_features: int, device: torch.device | str | None = None) -> int:
     """Rows buffered per QR update (per lane).
 
-    CPU (default): the power of two nearest below 2²³ / n, clamped to 2048..8192 (8192 for n ≤ 1024, 4096 for
-    n ≤ 2048, 2048 above), i.e. a float32 buffer of at most 32 MB. The CPU update exploits the triangle on top
-    of [R; X_b], so its flops ≈ 2·b·n² whatever b; b only has to amortise the per-update overhead (≈ 1000 small
-    torch calls, ≈ 5–10 ms at n = 1024, independent of b), which at n ≤ 1024 is still ≈ 10 % of a 4096-row update.
-    Measured (benchmarks/runtime.py): at n = 1024, 8192 rows 1.45× the Gram against 1.56× for 4096; at n = 576,
-    8192 best (16384 rows leave the caches).
+    CPU (default): the power of two nearest below 2²³ / n, clamped to 4096..8192 for n ≤ 4096 and to 2048 above
+    (8192 for n ≤ 1024, 4096 for n ≤ 4096, 2048 above), i.e. a float32 buffer of at most 32 MB, 64 MB for
+    2048 < n ≤ 4096. The CPU update exploits the triangle on top of [R; X_b], so its flops ≈ 2·b·n² whatever b;
+    b only has to amortise the per-update cost that does not grow with b: ≈ 1000 small torch calls (≈ 5–10 ms at
+    n = 1024) and the k × k by k × (n − e) products with T, ≈ PANEL·n² flops (≈ 8 % of a 2048-row update at
+    n = 4096). Measured (benchmarks/runtime.py, one thread): at n = 1024, 8192 rows 1.45× the Gram against 1.56×
+    for 4096; at n = 576, 8192 best (16384 rows leave the caches); at n = 2048, 2048/4096/8192 rows within noise
+    (1.36/1.32/1.33); at n = 4096, 2048/4096/8192 rows 1.27/1.22/1.20 (4096 kept: the buffer doubles again).
     Other devices (one geqrf of the stacked (n + b) × n matrix, ≈ 2(b + n)n² flops): max(4n, 2048), so that
     the triangle costs at most ≈ 17 % extra.
     """
     if device is not None and torch.device(device).type != "cpu":
         return max(4 * in_features, 2048)
     rows = 1 << max(0, (2**23 // max(in_features, 1)).bit_length() - 1)
-    return min(8192, max(2048, rows))
+    return min(8192, max(4096 if in_features <= 4096 else 2048, rows))
 
 
 LANES_BYTES = 2**29  # float32 bytes that the lanes' partial factors and buffers may take (512 MiB)
@@ -135,7 +137,9 @@ class RFactor:
         if self._R_shared or not self._R.is_contiguous():
             self._R = self._R.contiguous().clone()
             self._R_shared = False
-        used = self.lanes if fill >= self.lanes * self.in_features else 1  # too few rows: not worth a merge
+        # a full buffer always goes to every lane; a partial one when each lane gets min(n, block_rows) rows (the
+        # former rule, n rows each, kept every n > block_rows, e.g. n = 4096 with 2048 rows, on one lane for good)
+        used = self.lanes if fill >= self.lanes * min(self.in_features, self.block_rows) else 1
         step = -(-fill // used)
         chunks = [(i, i * step, min(fill, (i + 1) * step)) for i in range(used)]
         for i, _, _ in chunks[1:]:
