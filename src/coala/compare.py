@@ -203,7 +203,7 @@ def compare(model: nn.Module, tokenizer, config: CompareConfig | None = None, *,
     if any("fisher" in get_allocation(config.compress_config(m, config.ratios[0]).resolved_allocation).needs
            for m in config.methods):  # one backward pass serves every method and ratio
         t = time.perf_counter()
-        fisher = gradient_scales(model, layers, first_samples(batches, base.sensitivity_samples),
+        fisher = gradient_scales(model, layers, first_samples(batches, base.fisher_samples),
                                  progress=runtime.progress)
         times["allocation_s"] = time.perf_counter() - t
     windows: dict = {}  # perplexity windows, cut once for every model

@@ -174,6 +174,8 @@ def allocation_meta(config: CompressConfig) -> dict:
     out: dict = {"kind": config.resolved_allocation}
     if out["kind"] == "sensitivity":
         out.update(samples=config.sensitivity_samples, probe_ratios=list(config.probe_ratios))
+    if out["kind"] == "fisher":
+        out.update(samples=config.fisher_samples, curves="held-out (2 folds)")
     return out
 
 

@@ -142,12 +142,13 @@ class CompressConfig:
         "(original for asvd, svd-llm, svd-llm-v2 as published; compressed for coala, svd)",
         choices=lambda: ["auto", *PROPAGATIONS])
     allocation: str = option(
-        "auto", "ranks from --ratio: auto (the method's own: svd-llm-v2 per group, others uniform), uniform, "
-        "svd-llm-v2, or sensitivity (each matrix probed alone on the whole model's output: 4 forward passes of the "
-        "whole model per matrix, run where the model is loaded; slower, better)",
+        "auto", "ranks from --ratio: auto (the method's own: fisher for coala, svd-llm-v2 per group, others "
+        "uniform), fisher (output gradients × held-out truncation curves), uniform, svd-llm-v2, or sensitivity "
+        "(each matrix probed alone on the whole model's output: 4 forward passes of the whole model per matrix, "
+        "run where the model is loaded; slow)",
         choices=lambda: ["auto", *allocation_names()])
-    sensitivity_samples: int = option(64, "calibration samples the sensitivity probes and the Fisher pass run",
-                                      parse=int)
+    sensitivity_samples: int = option(64, "calibration samples the sensitivity probes run", parse=int)
+    fisher_samples: int = option(16, "calibration samples the Fisher allocation's backward pass runs", parse=int)
     probe_ratios: tuple[float, ...] = option(PROBE_RATIOS, "ratios at which the sensitivity probes truncate",
                                               parse=csv_floats)
     stats_dtype: str = option("float32", "accumulation dtype of the statistics", choices=lambda: ACCUMULATION_DTYPES)
@@ -173,6 +174,7 @@ class CompressConfig:
             raise CoalaError(f"allocation must be 'auto' or one of {allocation_names()}, got {self.allocation!r}",
                              argument="allocation")
         _positive_int(self.sensitivity_samples, "sensitivity_samples")
+        _positive_int(self.fisher_samples, "fisher_samples")
         probes = tuple(self.probe_ratios) if not isinstance(self.probe_ratios, str) else ()
         if not probes or not all(_is_number(p) and 0.0 < p < 1.0 for p in probes):
             raise CoalaError(f"probe_ratios must be numbers in (0, 1), got {self.probe_ratios!r}",

@@ -21,7 +21,7 @@ from .capture import InputCapture
 from .compress_report import LayerReport
 from .config import CompressConfig
 from .linalg.decomposition import Decomposition
-from .linalg.heldout import generalization_loss
+from .linalg.heldout import generalization_loss, heldout_loss
 from .linalg.methods import decompose
 from .linalg.parallel import parallel_map, worker_count
 from .linalg.stats import ActivationStats
@@ -90,12 +90,15 @@ def heldout_curve(module: nn.Module, stats: ActivationStats | None, config: Comp
                   device: torch.device | None = None) -> Tensor:
     """The layer's truncation loss on new rows, estimated by cross-validation (float64, (min(out, in) + 1,), CPU):
     ``config``'s method fitted on each half of the calibration samples and evaluated on both halves
-    (``coala.linalg.heldout.generalization_loss``). The statistics must hold their folds (``folds=2``)."""
+    (``coala.linalg.heldout.generalization_loss``). The statistics must hold their folds (``folds=2``). When every
+    sample fell into one fold (a handful of samples), the in-sample curve is all there is, and it is returned."""
     if stats is None or stats.folds is None:
         raise ValueError(f"layer {name}: the held-out truncation loss needs statistics kept in folds of the "
                          "calibration samples (collect them with folds=2)")
     W, stats = weight_and_stats(module, stats, device)
     Wc = W.to(stats.dtype)
+    if any(part.num_rows == 0 for part in stats.folds):
+        return heldout_loss(Wc, decompose_weight(Wc, stats, config, name).basis(), stats)
     return generalization_loss(Wc, stats.folds, lambda part: decompose_weight(Wc, part, config, name).basis())
 
 

@@ -115,7 +115,7 @@ def plan_from_decompositions(
 def add_fisher(evidence: dict, model: nn.Module, layers: Mapping[str, nn.Module],
                batches: Sequence[dict[str, Tensor]], config: CompressConfig) -> None:
     """Fill ``evidence[name].fisher`` from one forward + backward of the ORIGINAL ``model`` on the first
-    ``config.sensitivity_samples`` calibration samples (``coala.fisher.gradient_scales``)."""
-    scales = gradient_scales(model, layers, first_samples(batches, config.sensitivity_samples))
+    ``config.fisher_samples`` calibration samples (``coala.fisher.gradient_scales``)."""
+    scales = gradient_scales(model, layers, first_samples(batches, config.fisher_samples))
     for name, c in scales.items():
         evidence[name].fisher = c

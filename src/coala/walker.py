@@ -22,6 +22,7 @@ accumulated in ``times``. Hidden states live in memory or, with ``offload_dir``,
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -118,7 +119,7 @@ class BlockWalker:
         ``kinds``: statistics to collect ("r", "gram", "absmean"; none: no forward pass runs at all), accumulated
         in ``dtype``. With ``checkpoint``, ``solve`` returns an object with ``state`` (tensors) and ``meta``
         (JSON), saved after each block. ``folds`` > 1: the statistics also keep their rows in that many parts, by
-        calibration sample (sample j of the walk in part j mod folds; ``InputCapture``), as ``stats.folds``.
+        calibration sample (``sample_folds``; ``InputCapture``), as ``stats.folds``.
         """
         if propagate not in ("original", "compressed"):
             raise ValueError(f"propagate must be 'original' or 'compressed', got {propagate!r}")
@@ -216,9 +217,8 @@ class BlockWalker:
             for b in bar:
                 if capture is not None:
                     capture.mask = inputs.masks[b]
-                    rows = inputs.sizes[b]
-                    capture.row_folds = torch.arange(first, first + rows) % capture.folds
-                    first += rows
+                    capture.row_folds = sample_folds(self.batches[b], first, capture.folds)
+                    first += inputs.sizes[b]
                 args, kwargs = inputs.call(b, self.device)
                 out = block(*args, **kwargs)
                 del args, kwargs
@@ -237,3 +237,20 @@ class BlockWalker:
             yield block
         finally:
             block.to(self.home)
+
+
+def sample_folds(batch: dict[str, Tensor], first: int, folds: int) -> Tensor:
+    """The fold (0..folds-1) of every sample of ``batch``: a hash of its real tokens (input ids where the mask is
+    1), so that a sample falls in the same fold however the samples are batched or shared out between the ranks
+    of a distributed run; ``(first + row) mod folds`` for batches without input ids (``first``: the index of the
+    batch's first sample in the walk)."""
+    ids = batch.get("input_ids")
+    if ids is None:
+        return torch.arange(first, first + int(next(iter(batch.values())).shape[0])) % folds
+    mask = batch.get("attention_mask")
+    out = []
+    for row in range(ids.shape[0]):
+        real = ids[row] if mask is None else ids[row][mask[row].bool()]
+        digest = hashlib.blake2b(real.to(torch.int64).cpu().numpy().tobytes(), digest_size=8).digest()
+        out.append(int.from_bytes(digest, "little") % folds)
+    return torch.tensor(out, dtype=torch.int64)

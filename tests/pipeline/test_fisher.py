@@ -93,3 +93,12 @@ def test_compress_with_fisher_allocation_meets_the_budget(kind):
     assert report.totals()["targeted_removed_fraction"] >= 0.4
     ranks = {row.rank for row in report.layers}
     assert len(ranks) > 1  # not uniform
+
+
+def test_fisher_samples_is_its_own_setting_and_is_recorded():
+    with pytest.raises(coala.CoalaError, match="fisher_samples"):
+        coala.CompressConfig(fisher_samples=0)
+    from coala.compress import allocation_meta
+
+    meta = allocation_meta(coala.CompressConfig(fisher_samples=8))
+    assert meta == {"kind": "fisher", "samples": 8, "curves": "held-out (2 folds)"}

@@ -8,7 +8,7 @@ import torch
 
 import coala
 from _compress_models import batches, build, settings
-from coala.walker import BlockWalker
+from coala.walker import BlockWalker, sample_folds
 
 
 def _walk_stats(model, data, folds):
@@ -24,19 +24,32 @@ def _walk_stats(model, data, folds):
 
 @pytest.mark.parametrize("kind", ["llama", "bert"])
 @pytest.mark.parametrize("pad", [False, True])
-def test_folds_hold_alternate_samples_and_merge_to_the_whole(kind, pad):
+def test_folds_hold_their_samples_and_merge_to_the_whole(kind, pad):
     model = build(kind, layers=2).double()
-    data = batches(n=2, batch=3, pad=pad)  # samples 0..5: fold 0 = 0, 2, 4 (rows 0, 2 of batch 0; row 1 of batch 1)
+    data = batches(n=2, batch=4, pad=pad)
     folded = _walk_stats(model, data, folds=2)
     whole = _walk_stats(model, data, folds=1)
-    even = [{k: v[[0, 2]] for k, v in data[0].items()}, {k: v[[1]] for k, v in data[1].items()}]
-    alone = _walk_stats(model, even, folds=1)
+    picks = [sample_folds(b, 0, 2) == 0 for b in data]
+    assert 0 < sum(int(p.sum()) for p in picks) < 8  # both folds hold samples here
+    first = [{k: v[p] for k, v in b.items()} for b, p in zip(data, picks, strict=True) if p.any()]
+    alone = _walk_stats(model, first, folds=1)
     for name, stats in folded.items():
         assert stats.folds is not None and len(stats.folds) == 2
         assert stats.num_rows == whole[name].num_rows == sum(p.num_rows for p in stats.folds)
         torch.testing.assert_close(stats.r.R, whole[name].r.R, rtol=1e-9, atol=1e-9)
         assert stats.folds[0].num_rows == alone[name].num_rows
         torch.testing.assert_close(stats.folds[0].r.R, alone[name].r.R, rtol=1e-9, atol=1e-9)
+
+
+def test_a_sample_keeps_its_fold_however_it_is_batched():
+    data = batches(n=2, batch=4, pad=True)
+    together = torch.cat([sample_folds(b, 0, 2) for b in data])
+    rows = [{k: v[i : i + 1] for k, v in b.items()} for b in data for i in range(4)]
+    alone = torch.cat([sample_folds(r, 0, 2) for r in rows])
+    assert torch.equal(together, alone)
+    assert 0 < int(together.sum()) < 8
+    no_ids = {"inputs_embeds": torch.zeros(3, 5, 8)}
+    assert sample_folds(no_ids, 5, 2).tolist() == [1, 0, 1]
 
 
 def test_collect_statistics_keeps_folds_for_the_default_allocation_only():
