@@ -35,7 +35,7 @@ EVALUATIONS = ("english", "docs", "prose")
 def _compress(model, tokenizer, calibration: str, ratio: float, nsamples: int, seqlen: int, seed: int):
     from coala import CalibrationConfig, CompressConfig, RuntimeConfig, compress
 
-    return compress(model, calibration, CompressConfig(ratio=ratio),
+    return compress(model, calibration, CompressConfig(ratio=ratio, allocation="uniform"),
                     data=CalibrationConfig(nsamples=nsamples, seqlen=seqlen, seed=seed),
                     runtime=RuntimeConfig(progress=False), tokenizer=tokenizer)
 
