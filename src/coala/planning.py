@@ -44,7 +44,7 @@ def plan_in_pass(walker: BlockWalker, config: CompressConfig, batches: Sequence[
                  if "sensitivity" in allocation.needs else None)
         if "fisher" in allocation.needs:
             all_layers = {name: m for layers in walker.layers for name, m in layers.items()}
-            add_fisher(evidence, walker.model, all_layers, batches, config)
+            add_fisher(evidence, walker.model, all_layers, batches, config, progress=walker.progress)
 
         heldout = "heldout_loss" in allocation.needs
 
@@ -113,9 +113,9 @@ def plan_from_decompositions(
 
 
 def add_fisher(evidence: dict, model: nn.Module, layers: Mapping[str, nn.Module],
-               batches: Sequence[dict[str, Tensor]], config: CompressConfig) -> None:
+               batches: Sequence[dict[str, Tensor]], config: CompressConfig, progress: bool = False) -> None:
     """Fill ``evidence[name].fisher`` from one forward + backward of the ORIGINAL ``model`` on the first
     ``config.fisher_samples`` calibration samples (``coala.fisher.gradient_scales``)."""
-    scales = gradient_scales(model, layers, first_samples(batches, config.fisher_samples))
+    scales = gradient_scales(model, layers, first_samples(batches, config.fisher_samples), progress=progress)
     for name, c in scales.items():
         evidence[name].fisher = c
