@@ -38,21 +38,31 @@ def heldout_loss(W: Tensor, U: Tensor, test: ActivationStats) -> Tensor:
     W: (out × in); U: (out × k), orthonormal columns, ordered as the method truncates them; ``test``: statistics
     of the held-out rows X_t with an R factor (preferred) or a Gram matrix.
     """
+    return _loss(W, U, _target(W, test))
+
+
+def _target(W: Tensor, test: ActivationStats) -> tuple[str, Tensor]:
+    """What the loss on ``test``'s rows needs of them, computed once per fold: ("r", M = W R_tᵀ) or ("gram", G_t)."""
     if test.r is not None and test.r.num_rows:
-        R = test.r.R.to(W)
-        M = W @ R.T  # (out × in): ‖M‖ = ‖W X_tᵀ‖
-        P = U.T.to(W) @ M  # (k × in)
+        return "r", W @ test.r.R.to(W).T  # (out × in): ‖M‖ = ‖W X_tᵀ‖
+    if test.gram is not None:
+        return "gram", test.gram.G.to(W)
+    raise ValueError(f"held-out loss of {test.name or 'a layer'} needs an R factor or a Gram matrix of the "
+                     "held-out rows")
+
+
+def _loss(W: Tensor, U: Tensor, target: tuple[str, Tensor]) -> Tensor:
+    """``heldout_loss`` from a ``_target``."""
+    kind, T = target
+    if kind == "r":
+        P = U.T.to(W) @ T  # (k × in)
         kept = P.to(torch.float64).square().sum(1)
-        outside = float((M - U.to(W) @ P).to(torch.float64).square().sum())
-    elif test.gram is not None:
-        G = test.gram.G.to(W)
-        Q = U.T.to(W) @ W  # (k × in)
-        kept = ((Q @ G) * Q).to(torch.float64).sum(1)
-        total = float(((W @ G) * W).to(torch.float64).sum())
-        outside = max(total - float(kept.sum()), 0.0)  # the Gram route cannot avoid this one difference
+        outside = float((T - U.to(W) @ P).to(torch.float64).square().sum())
     else:
-        raise ValueError(f"held-out loss of {test.name or 'a layer'} needs an R factor or a Gram matrix of the "
-                         "held-out rows")
+        Q = U.T.to(W) @ W  # (k × in)
+        kept = ((Q @ T) * Q).to(torch.float64).sum(1)
+        total = float(((W @ T) * W).to(torch.float64).sum())
+        outside = max(total - float(kept.sum()), 0.0)  # the Gram route cannot avoid this one difference
     tails = kept.flip(0).cumsum(0).flip(0)  # Σ_{i≥r} for r = 0..k-1
     out = torch.empty(kept.shape[0] + 1, dtype=torch.float64)
     out[:-1] = tails.cpu() + outside
@@ -92,11 +102,16 @@ def _fits(W: Tensor, folds: Sequence[ActivationStats], basis_of: Callable[[Activ
     """(Σ_f loss of fit_f on its own rows, Σ_f loss of fit_f on fold f), fit_f fitted on all folds but f."""
     if len(folds) < 2:
         raise ValueError(f"cross-validation needs at least 2 folds, got {len(folds)}")
+    targets = [_target(W, part) for part in folds]  # each fold's W R_fᵀ once: it serves both of its roles
     own = other = None
-    for f, test in enumerate(folds):
+    for f in range(len(folds)):
         rest = [p for i, p in enumerate(folds) if i != f]
-        fit = rest[0] if len(rest) == 1 else ActivationStats.of_folds(rest)
+        if len(rest) == 1:
+            fit, fit_target = rest[0], targets[1 - f]
+        else:
+            fit = ActivationStats.of_folds(rest)
+            fit_target = _target(W, fit)
         U = basis_of(fit)
-        mine, held = heldout_loss(W, U, fit), heldout_loss(W, U, test)
+        mine, held = _loss(W, U, fit_target), _loss(W, U, targets[f])
         own, other = (mine, held) if own is None else (own + mine, other + held)
     return own, other
