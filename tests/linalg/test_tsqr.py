@@ -271,3 +271,17 @@ def test_benchmark_capture_keeps_the_rows_the_statistics_saw():
         assert _rel(R.T @ R, X.T @ X) < 1e-5
     with pytest.raises(KeyError, match="no module named"):
         capture_linear_inputs(model, Tok(), ["encoder.nope"], texts, max_tokens=8, progress=False)
+
+
+def test_r_read_from_many_threads_at_once_holds_every_row():
+    """Layers that share an input (q/k/v) read one factor's R from several solver threads: the first read folds
+    the buffered rows in, and no thread may see R before that (it did: an all-zero R, a 0.0 error)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    for trial in range(20):
+        X = torch.randn(100, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(trial))
+        acc = RFactor(24, dtype=torch.float64, block_rows=4096).update(X)  # every row still buffered
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(lambda a: a.R.clone(), [acc] * 8))
+        for R in got:
+            torch.testing.assert_close(R.T @ R, X.T @ X)

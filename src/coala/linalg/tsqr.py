@@ -12,6 +12,8 @@ or float64) before they enter the buffer; every QR runs in ``dtype``.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import Tensor
 
@@ -21,6 +23,7 @@ from .dtypes import ACCUMULATION_DTYPES
 from .parallel import parallel_map, worker_count
 from .qr_update import normalize_signs, r_of_stacked, stack_triangle_, update_r_
 
+_READING = threading.Lock()  # the first read of R folds the pending rows in: one thread at a time
 MAX_LANES = 4  # partial factors per RFactor at most: each costs n² values, and the final merge ≈ n³ flops each
 
 
@@ -187,14 +190,15 @@ class RFactor:
     def R(self) -> Tensor:
         """(n × n) upper triangular, diag ≥ 0, RᵀR = XᵀX of all rows seen; in ``dtype`` (CoalaError when it
         overflowed: activations too large for the accumulation dtype)."""
-        self._fold_lanes()
+        with _READING:  # layers that share an input read its R from several solver threads at once
+            self._fold_lanes()
+            self._R = normalize_signs(self._R)
+            self._R_shared = True
         if not bool(torch.isfinite(self._R).all()):
             where = f" of {self.name}" if self.name else ""
             raise CoalaError(f"the R factor{where} overflowed {str(self.dtype).removeprefix('torch.')}: the "
                              "activations are too large for it; accumulate in float64 or rescale them",
                              argument="x", layer=self.name)
-        self._R = normalize_signs(self._R)
-        self._R_shared = True
         return self._R
 
     def regularized(self, mu: float) -> Tensor:
