@@ -277,9 +277,8 @@ class LayerEvidence:
     ``tail_loss``: loss[r] for r = 0..min(out, in), the truncation loss of rank r as the method measures it
     (for COALA ‖(W − W'_r)Xᵀ‖²_F; float64, on the CPU), from one decomposition of the original weight.
     ``sensitivity``: a ``coala.sensitivity.SensitivityCurve`` (measured output change when truncated alone).
-    ``fisher``: c = Σ_t ‖∂L/∂y_t‖² / (d_out·T), the mean squared output gradient of the loss (``coala.fisher``).
-    ``heldout_loss``: loss[r] for r = 0..min(out, in), the truncation loss of rank r on calibration samples the
-    projection was NOT fitted on (2-fold cross-validation over the samples, ``coala.linalg.heldout``; float64).
+    ``fisher``: curve[r] for r = 0..k (k the largest rank that saves parameters), the loss increase predicted for
+    truncating the layer alone to rank r, from per-sample gradients of one backward pass (``coala.fisher``; float64).
     Each is filled only when the allocation declares it ``needs`` it.
     """
 
@@ -288,12 +287,11 @@ class LayerEvidence:
     shape: tuple[int, int]
     tail_loss: Tensor | None = None
     sensitivity: Any = None
-    fisher: float | None = None
-    heldout_loss: Tensor | None = None
+    fisher: Tensor | None = None
 
 
 AllocateFn = Callable[[Mapping[str, LayerEvidence], float], dict[str, "int | None"]]
-EVIDENCE = ("tail_loss", "sensitivity", "fisher", "heldout_loss")
+EVIDENCE = ("tail_loss", "sensitivity", "fisher")
 
 
 @dataclass(frozen=True)

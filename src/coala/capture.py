@@ -7,7 +7,7 @@ through a (batch × seq) mask that the caller sets on ``capture.mask`` before ea
 With ``folds`` > 1 the rows are also kept in disjoint parts by calibration sample (the caller sets
 ``capture.row_folds``, the fold of every batch row, next to the mask): ``fold_parts()`` are the accumulators
 (e.g. for a distributed reduction), and ``merge_folds()`` then makes each ``stats`` entry the exact merge of its
-parts, holding them as ``ActivationStats.folds`` for held-out evaluation (``coala.linalg.heldout``).
+parts, holding them as ``ActivationStats.folds`` for fits on each fold (``coala.fisher``).
 """
 
 from __future__ import annotations

@@ -24,8 +24,8 @@ from .allocate import achieved, allocation_names, get_allocation
 from .compress import calibration_set, collect_statistics, decompose_layers
 from .config import CalibrationConfig, CompressConfig, RuntimeConfig, csv_floats, csv_names, option
 from .distributed import balance, gather_json, is_main, rank, world_size
-from .fisher import gradient_scales
-from .layer_solve import heldout_curves, solve_layers
+from .fisher import truncation_curves
+from .layer_solve import fold_bases_of, solve_layers
 from .linalg.dtypes import ACCUMULATION_DTYPES
 from .linalg.methods import get_method
 from .planning import plan_from_decompositions
@@ -199,13 +199,7 @@ def compare(model: nn.Module, tokenizer, config: CompareConfig | None = None, *,
             references[source or "builtin"] = (sentences, sentence_embeddings(model, tokenizer, sentences,
                                                                               batch_size=config.eval_batch_size))
     layers = {name: model.get_submodule(name) for name in stats}
-    fisher = None
-    if any("fisher" in get_allocation(config.compress_config(m, config.ratios[0]).resolved_allocation).needs
-           for m in config.methods):  # one backward pass serves every method and ratio
-        t = time.perf_counter()
-        fisher = gradient_scales(model, layers, first_samples(batches, base.fisher_samples),
-                                 progress=runtime.progress)
-        times["allocation_s"] = time.perf_counter() - t
+    times["allocation_s"] = 0.0
     windows: dict = {}  # perplexity windows, cut once for every model
     # the original row and each method's cells are work items, shared out between the ranks of a distributed run
     items = ["original", *config.methods]
@@ -225,14 +219,18 @@ def compare(model: nn.Module, tokenizer, config: CompareConfig | None = None, *,
         t = time.perf_counter()
         first = config.compress_config(method, config.ratios[0])
         decs = decompose_layers(model, stats, first, device=runtime.device, progress=runtime.progress)
-        heldout = (heldout_curves(layers, stats, first) if "heldout_loss" in get_allocation(
-            first.resolved_allocation).needs else None)  # one per method: they do not depend on the ratio
         times["solve_s"] += time.perf_counter() - t
+        fisher = None
+        if "fisher" in get_allocation(first.resolved_allocation).needs:  # one pass per method, for every ratio
+            t = time.perf_counter()
+            fisher = truncation_curves(model, layers, fold_bases_of(layers, stats, first),
+                                       first_samples(batches, base.fisher_samples), progress=runtime.progress)
+            times["allocation_s"] += time.perf_counter() - t
         for ratio in config.ratios:
             t = time.perf_counter()
             cell = config.compress_config(method, ratio)
             with torch.no_grad():
-                plan = plan_from_decompositions(model, layers, cell, decs, stats, fisher=fisher, heldout=heldout)
+                plan = plan_from_decompositions(model, layers, cell, decs, stats, fisher=fisher)
                 candidate = copy.deepcopy(model)
                 report_rows, _ = solve_layers(candidate, layers, stats, plan, cell, device=runtime.device,
                                               decompositions=decs, progress=False)

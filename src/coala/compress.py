@@ -175,7 +175,7 @@ def allocation_meta(config: CompressConfig) -> dict:
     if out["kind"] == "sensitivity":
         out.update(samples=config.sensitivity_samples, probe_ratios=list(config.probe_ratios))
     if out["kind"] == "fisher":
-        out.update(samples=config.fisher_samples, curves="held-out (2 folds)")
+        out.update(samples=config.fisher_samples, bases="2 folds, ¼ own + ¾ other")
     return out
 
 
@@ -200,7 +200,7 @@ def collect_statistics(model: nn.Module, calibration="builtin", config: Compress
 
     Statistics kinds: the union of the needs of ``methods`` (default ``[config.method]``) plus R when
     ``config.error_stats``. Layers fed the same input map to the very same ``ActivationStats`` object. When the
-    allocation of one of the methods needs held-out curves (COALA's default, "fisher"), each also keeps its rows
+    allocation of one of the methods fits each fold (COALA's default, "fisher"), each also keeps its rows
     in two folds of the calibration samples (``ActivationStats.folds``; ``config.folds``).
     Statistics are moved to the CPU after each block. The model is not modified. In a distributed run each rank
     streams its shard of the batches and every rank returns the statistics of all of them (docs/design.md §12).

@@ -143,12 +143,13 @@ class CompressConfig:
         choices=lambda: ["auto", *PROPAGATIONS])
     allocation: str = option(
         "auto", "ranks from --ratio: auto (the method's own: fisher for coala, svd-llm-v2 per group, others "
-        "uniform), fisher (output gradients × held-out truncation curves), uniform, svd-llm-v2, or sensitivity "
+        "uniform), fisher (each truncation's loss increase from per-sample gradients, one backward pass), "
+        "uniform, svd-llm-v2, or sensitivity "
         "(each matrix probed alone on the whole model's output: 4 forward passes of the whole model per matrix, "
         "run where the model is loaded; slow)",
         choices=lambda: ["auto", *allocation_names()])
     sensitivity_samples: int = option(64, "calibration samples the sensitivity probes run", parse=int)
-    fisher_samples: int = option(16, "calibration samples the Fisher allocation's backward pass runs", parse=int)
+    fisher_samples: int = option(32, "calibration samples the Fisher allocation's backward pass runs", parse=int)
     probe_ratios: tuple[float, ...] = option(PROBE_RATIOS, "ratios at which the sensitivity probes truncate",
                                               parse=csv_floats)
     stats_dtype: str = option("float32", "accumulation dtype of the statistics", choices=lambda: ACCUMULATION_DTYPES)
@@ -213,13 +214,13 @@ class CompressConfig:
         kinds: set[str] = set()
         for name in methods or [self.method]:
             kinds |= set(get_method(name).needs)
-        return kinds | ({"r"} if self.error_stats or self.folds(methods) > 1 else set())
+        return kinds | ({"r"} if self.error_stats else set())
 
     def folds(self, methods: Iterable[str] | None = None) -> int:
         """Parts the calibration statistics keep (by sample): 2 when the allocation of any of ``methods``
-        (default ``[self.method]``) needs held-out truncation curves, else 1."""
+        (default ``[self.method]``) fits the method on each fold ("fisher"), else 1."""
         needs = [get_allocation(self.allocation_for(name)).needs for name in methods or [self.method]]
-        return 2 if any("heldout_loss" in n for n in needs) else 1
+        return 2 if any("fisher" in n for n in needs) else 1
 
 
 @dataclass(frozen=True)

@@ -1,23 +1,33 @@
-"""Output-gradient (Fisher) weights: how much the model's loss cares about each layer's output error.
+"""The Fisher allocation: how much the model's loss grows when each layer is truncated to each rank.
 
-Replacing a layer's weight W by W' changes its outputs by Δy_t = (W − W') x_t at every token t. To second order
-(the Gauss–Newton / empirical-Fisher approximation, as in FWSVD, Hsu et al. 2022), the summed loss moves by
+Truncating a layer to rank r replaces W (out × in) by W'_r = U_r U_rᵀ W (every method here truncates by a left
+projection, ``Decomposition.basis()``). To first order a sample s changes its loss by ⟨∇_W ℓ_s, W'_r − W⟩, and to
+second order (the empirical Fisher / Gauss–Newton approximation, as in FWSVD, Hsu et al. 2022) the expected loss
+moves by ½ E_s[⟨∇_W ℓ_s, W − W'_r⟩²]. With ∇_W ℓ_s = Σ_t g_t x_tᵀ (g_t = ∂ℓ_s/∂y_t at the layer's output, x_t its
+input) and u_i the columns of U,
 
-    ΔL ≈ ½ Σ_t (g_tᵀ Δy_t)²,        g_t = ∂L/∂y_t   (the gradient at the layer's output, original model).
+    ⟨∇_W ℓ_s, W − W'_r⟩ = Σ_{i>r} a_{s,i},        a_{s,i} = Σ_t (u_iᵀ g_t)(u_iᵀ W x_t),
 
-Averaging g_t g_tᵀ to an isotropic c·I per layer (c_ℓ = Σ_t ‖g_t‖² / (d_out · T)) turns this into
-ΔL_ℓ(r) ≈ ½ c_ℓ · ‖(W − W'_r)Xᵀ‖²_F = ½ c_ℓ · loss_ℓ(r): the truncation-loss curve of the layer's own
-decomposition, measured on calibration samples the projection was not fitted on (``coala.linalg.heldout``),
-scaled by one number per layer measured in ONE forward and backward pass of the original model
-(docs/design.md §6, "Fisher allocation").
+so ONE forward and backward pass of the original model gives every layer's whole curve
 
-The loss L: models with logits — the summed next-token NLL of the samples; encoders (no loss of their own) —
-Σ_s ⟨z_s, e_s⟩ with e_s the unit mean-pooled sentence embedding and z_s ~ N(0, I) a fixed random direction per
-sample, so that E_z[(g_tᵀ Δy_t)²] measures the change of the embedding itself (Hutchinson's estimator; for unit
-vectors 1 − cos ≈ ½‖Δe‖²).
+    curve[r] = Σ_s (Σ_{i>r} a_{s,i})²,   r = 0..k        (``truncation_curves``; docs/design.md §6).
 
-Precision: the pass runs in the model's dtype; squared gradient norms are summed in float64. Weights get no
-gradients (parameters are frozen during the pass); only activation gradients are computed.
+The sum over tokens sits inside the square: errors that a sentence's tokens make in the same direction add up
+(a mean-pooled embedding, a next-token loss that attends to earlier tokens) and per-token or per-channel
+simplifications miss that. U comes from fits on the two folds of the calibration samples
+(``layer_solve.fold_bases``): each sample is scored ¼ with the basis fitted on its own fold and ¾ with the basis
+fitted on the other one — the first-order estimate, for a fit on all samples, of its error on new samples (a fit on
+m rows errs on its own rows by about ε(1 − c/m) and on new ones by ε(1 + c/m); for N = 2m rows ε(1 + c/N) =
+¼·ε(1 − c/m) + ¾·ε(1 + c/m)). In-sample curves say that cutting a wide layer fitted on few tokens is cheap when
+it is not.
+
+The loss: models with logits — the next-token NLL of each sample; encoders (no loss of their own) —
+⟨z_s, e_s⟩ with e_s the unit mean-pooled sentence embedding and z_s ~ N(0, I) a fixed random direction per
+sample, so that E_z[⟨∇ℓ_s, ΔW⟩²] = ‖Δe_s‖² to first order (Hutchinson's estimator; 1 − cos ≈ ½‖Δe‖²).
+
+Precision: the pass runs in the model's dtype; the products u_iᵀ g_t and u_iᵀ W x_t (W x_t = the layer's output less
+its bias) in float32 (float64 for a float64 model); the sums over tokens, the tails and the squares in float64.
+Weights get no gradients (parameters are frozen during the pass); only activation gradients are computed.
 """
 
 from __future__ import annotations
@@ -33,9 +43,12 @@ from tqdm.auto import tqdm
 from .allocate import LayerEvidence, RankOptions, lagrangian_ranks, register_allocation
 from .blocks import no_kv_cache
 from .evaluate import mean_pool
-from .lowrank import linear_shape, model_device
+from .lowrank import dense_bias, dense_weight, linear_shape, model_device
+from .walker import sample_folds
 
-__all__ = ["fisher_allocation", "gradient_scales"]
+__all__ = ["OWN_FOLD_WEIGHT", "fisher_allocation", "truncation_curves"]
+
+OWN_FOLD_WEIGHT = 0.25  # weight of the basis fitted on a sample's own fold; the other fold's basis gets the rest
 
 
 @contextlib.contextmanager
@@ -57,86 +70,139 @@ def _frozen(model: nn.Module):
             p.requires_grad_(flag)
 
 
-def _loss(model: nn.Module, out, batch: dict[str, Tensor], generator: torch.Generator) -> Tensor:
-    """The summed next-token NLL (models with logits) or Σ_s ⟨z_s, unit embedding_s⟩ (encoders)."""
+def sample_losses(out, batch: dict[str, Tensor], generator: torch.Generator) -> Tensor:
+    """Per-sample losses (B,) float32: the summed next-token NLL (models with logits) or ⟨z_s, unit embedding_s⟩
+    with z_s drawn from ``generator`` (encoders, ``out.last_hidden_state``)."""
     mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
     logits = getattr(out, "logits", None)
     if logits is not None:
         labels = batch["input_ids"][:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        return F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="sum")
+        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        return nll.sum(1)
     emb = F.normalize(mean_pool(out.last_hidden_state, mask).float(), dim=-1)
     z = torch.randn(emb.shape, generator=generator, dtype=torch.float32).to(emb.device)
-    return (z * emb).sum()
+    return (z * emb).sum(1)
 
 
-def gradient_scales(model: nn.Module, layers: Mapping[str, nn.Module], batches: Sequence[dict[str, Tensor]], *,
-                    seed: int = 0, progress: bool = True) -> dict[str, float]:
-    """c_ℓ = Σ_t ‖∂L/∂y_{ℓ,t}‖² / (d_out · T) for every layer of ``layers`` (full name → nn.Linear / Conv1D of
-    ``model``), from one forward + backward of the whole ``model`` (where it lives) over ``batches``.
+def _sample_tails(y: Tensor, g: Tensor, U: Tensor, total: Tensor) -> Tensor:
+    """t[s, r] = Σ_{i>r} a_{s,i} = ⟨Σ_t g_t x_tᵀ, W − U_r U_rᵀ W⟩ for r = 0..k, float64 (B × (k + 1)).
+
+    y: (B × S × out) the layer's outputs without the bias (W x_t), g: (B × S × out) their gradients, U: (out × k),
+    total: (B,) float64 Σ_t g_tᵀ y_t (= t[s, 0] when U spans the outputs). Products in y's dtype, sums in float64;
+    the part outside span(U) is total − Σ_i a_{s,i}.
+    """
+    a = ((y @ U).to(torch.float64) * (g @ U).to(torch.float64)).sum(1)  # (B, k): Σ_t (u_iᵀ W x_t)(u_iᵀ g_t)
+    tails = torch.zeros(a.shape[0], a.shape[1] + 1, dtype=torch.float64, device=a.device)
+    tails[:, :-1] = a.flip(1).cumsum(1).flip(1)
+    return tails + (total - a.sum(1))[:, None]
+
+
+def _padded(tails: Tensor, k: int) -> Tensor:
+    """(B × (k_f + 1)) tails → (B × (k + 1)): ranks past a basis of k_f < k columns keep its last value (a fit on
+    few rows knows no further direction, so no further rank is credited)."""
+    if tails.shape[1] == k + 1:
+        return tails
+    return torch.cat([tails, tails[:, -1:].expand(-1, k + 1 - tails.shape[1])], 1)
+
+
+def truncation_curves(model: nn.Module, layers: Mapping[str, nn.Module], bases: Mapping[str, Sequence[Tensor]],
+                      batches: Sequence[dict[str, Tensor]], *, seed: int = 0, progress: bool = True
+                      ) -> dict[str, Tensor]:
+    """curve[r] = Σ_s Σ_f w_{s,f} ⟨∇_W ℓ_s, W − U_{f,r} U_{f,r}ᵀ W⟩² for r = 0..k (this module's docstring) for every
+    layer of ``bases``, from one forward + backward of the whole ``model`` (where it lives) over ``batches``.
 
     Args:
-        batches: dicts with "input_ids" (B × S int64) and optionally "attention_mask" (B × S); T counts the
-            tokens with mask 1.
+        layers: full name → nn.Linear / Conv1D of ``model`` (at least the names of ``bases``).
+        bases: name → (U_0, U_1), the method's left bases (out × k_f, k_f ≤ k the largest rank that saves
+            parameters) fitted on fold 0 and fold 1 of the calibration samples (``layer_solve.fold_bases``); a
+            sample's fold is ``walker.sample_folds``. Ranks past k_f keep the value at k_f. w = ¼ for the basis
+            of the sample's own fold, ¾ for the other.
+        batches: dicts with "input_ids" (B × S int64) and optionally "attention_mask" (B × S).
         seed: the random directions z_s of encoders.
 
-    Returns: name → c_ℓ (a float ≥ 0). Raises ValueError naming the layer whose gradients are not finite.
+    Returns: name → float64 (k + 1,) on the CPU. Raises ValueError naming the layer whose outputs or gradients are
+    not finite.
     """
     device = model_device(model)
-    sums = {name: torch.zeros((), dtype=torch.float64) for name in layers}
+    sums: dict[str, Tensor] = {}
+    folds = torch.zeros(0, dtype=torch.int64)
     handles = []
 
-    def watch(name: str):
-        def add(grad: Tensor) -> None:  # returns None: the gradient flows on unchanged
-            sums[name] += grad.detach().double().square().sum().cpu()
+    def watch(name: str, module: nn.Module):
+        m, n = linear_shape(module)
+        k = (m * n - 1) // (m + n)
+        bias = dense_bias(module)
+        work = torch.float64 if dense_weight(module).dtype == torch.float64 else torch.float32
+        Us = [U.to(device=device, dtype=work) for U in bases[name]]
 
-        def forward_hook(module, inputs, output):
+        def forward_hook(mod, inputs, output):
             if not bool(torch.isfinite(output).all()):
                 raise ValueError(f"layer {name}: non-finite outputs in the Fisher pass over the original model (its "
                                  "activations overflow on the calibration samples)")
+            rows = int(folds.shape[0])  # (B, S, out), or (B·S, out) for models that flatten the tokens (OPT's MLP)
+            y = output.detach().to(work).reshape(rows, -1, output.shape[-1])
+            y = y - bias.detach().to(work) if bias is not None else y  # W x_t
+
+            def add(grad: Tensor) -> None:  # returns None: the gradient flows on unchanged
+                g = grad.detach().to(work).reshape(y.shape)
+                if not bool(torch.isfinite(g).all()):
+                    raise ValueError(f"layer {name}: non-finite output gradients in the Fisher pass")
+                own = (folds.to(g.device)[:, None] == torch.arange(len(Us), device=g.device)).to(torch.float64)
+                weight = OWN_FOLD_WEIGHT * own + (1.0 - OWN_FOLD_WEIGHT) / max(len(Us) - 1, 1) * (1.0 - own)
+                total = (y.to(torch.float64) * g.to(torch.float64)).sum((1, 2))  # (B,): ⟨∇_W ℓ_s, W⟩
+                curve = sum((weight[:, f, None] * _padded(_sample_tails(y, g, U, total), k).square()).sum(0)
+                            for f, U in enumerate(Us))
+                sums[name] = curve.cpu() if name not in sums else sums[name] + curve.cpu()
+
             if output.requires_grad:
                 output.register_hook(add)
         return forward_hook
 
-    for name, module in layers.items():
-        handles.append(module.register_forward_hook(watch(name)))
+    for name in bases:
+        handles.append(layers[name].register_forward_hook(watch(name, layers[name])))
     generator = torch.Generator().manual_seed(seed)
-    tokens = 0
+    first = 0
     try:
         with _frozen(model), no_kv_cache(model), torch.enable_grad():
             for batch in tqdm(batches, desc="fisher pass", disable=not progress, leave=False):
+                folds = sample_folds(batch, first, 2)
+                first += int(folds.shape[0])
                 batch = {k: v.to(device) for k, v in batch.items()}
-                loss = _loss(model, model(**batch), batch, generator)
+                loss = sample_losses(model(**batch), batch, generator).sum()
                 if not torch.isfinite(loss):
                     raise ValueError("non-finite loss in the Fisher pass of the original model")
                 loss.backward()
-                tokens += int(batch.get("attention_mask", torch.ones_like(batch["input_ids"])).sum())
     finally:
         for h in handles:
             h.remove()
-    scales = {}
-    for name, module in layers.items():
-        value = float(sums[name]) / (linear_shape(module)[0] * max(tokens, 1))
-        if not value == value or value == float("inf"):
-            raise ValueError(f"non-finite output gradients at layer {name} in the Fisher pass")
-        scales[name] = value
-    return scales
+    missing = [name for name in bases if name not in sums]
+    if missing:
+        raise ValueError(f"layers {missing[:3]} got no output gradients in the Fisher pass (not on the path from "
+                         "the inputs to the loss?)")
+    return sums
 
 
-@register_allocation("fisher", needs=("heldout_loss", "fisher"))
+@register_allocation("fisher", needs=("fisher",))
 def fisher_allocation(evidence: Mapping[str, LayerEvidence], ratio: float) -> dict[str, int | None]:
-    """Ranks minimising Σ_ℓ c_ℓ · loss_ℓ(r_ℓ) (the predicted loss increase, this module's docstring) under the
-    parameter budget (``lagrangian_ranks``): any rank from 1 to the largest that saves parameters, or dense.
-    loss_ℓ is the held-out truncation loss (fitted on half of the calibration samples, measured on the other
-    half, both ways): the in-sample tail under-states the error of wide layers fitted on few tokens, and an
-    allocation that trusts it cuts exactly those (docs/design.md §6)."""
+    """Ranks minimising Σ_ℓ curve_ℓ[r_ℓ] (the predicted loss increase, this module's docstring) under the parameter
+    budget (``lagrangian_ranks``): any rank from 1 to the largest that saves parameters, or dense (cost 0).
+
+    The measured curve is a sum over a few dozen samples and need not fall with r where the true one does (keeping a
+    direction never costs on new data); each rank is charged the largest cost of any rank above it, so that a noisy
+    dip cannot lure the budget (docs/design.md §6). The curves are first rounded to float32 (7 significant digits,
+    far below their sampling error): the plan then does not depend on the summation order of the statistics, e.g.
+    across the ranks of a distributed run."""
     options = {}
     for name, e in evidence.items():
         m, n = e.shape
         top = (m * n - 1) // (m + n)
         if top < 1:
             continue
-        loss = e.heldout_loss.to(torch.float64)
-        tail = loss[1 : top + 1] * e.fisher
+        if e.fisher is None or e.fisher.shape[0] < top + 1:
+            raise ValueError(f"layer {name}: the Fisher allocation needs a truncation curve up to rank {top}, got "
+                             f"{None if e.fisher is None else tuple(e.fisher.shape)}")
+        curve = e.fisher.to(torch.float32).to(torch.float64)  # 7 digits: summation order cannot move the plan
+        curve = curve.flip(0).cummax(0).values.flip(0)  # non-increasing: the max over r' ≥ r
         options[name] = RankOptions(e.shape, [*range(1, top + 1), None],
-                                    torch.cat([tail, torch.zeros(1, dtype=torch.float64)]))
+                                    torch.cat([curve[1 : top + 1], torch.zeros(1, dtype=torch.float64)]))
     return lagrangian_ranks(options, {name: e.shape for name, e in evidence.items()}, ratio)

@@ -21,7 +21,6 @@ from .capture import InputCapture
 from .compress_report import LayerReport
 from .config import CompressConfig
 from .linalg.decomposition import Decomposition
-from .linalg.heldout import generalization_loss, heldout_loss
 from .linalg.methods import decompose
 from .linalg.parallel import parallel_map, worker_count
 from .linalg.stats import ActivationStats
@@ -86,29 +85,44 @@ def decompose_layer(module: nn.Module, stats: ActivationStats | None, config: Co
     return decompose_weight(*weight_and_stats(module, stats, device), config, name)
 
 
-def heldout_curve(module: nn.Module, stats: ActivationStats | None, config: CompressConfig, name: str,
-                  device: torch.device | None = None) -> Tensor:
-    """The layer's truncation loss on new rows, estimated by cross-validation (float64, (min(out, in) + 1,), CPU):
-    ``config``'s method fitted on each half of the calibration samples and evaluated on both halves
-    (``coala.linalg.heldout.generalization_loss``). The statistics must hold their folds (``folds=2``). When every
-    sample fell into one fold (a handful of samples), the in-sample curve is all there is, and it is returned."""
+def fold_bases(module: nn.Module, stats: ActivationStats | None, config: CompressConfig, name: str,
+               device: torch.device | None = None) -> tuple[Tensor, Tensor] | None:
+    """``config``'s method fitted on each of the two folds of the calibration samples: its left bases (U_0, U_1),
+    each out × k_f in the weight's dtype on the CPU (what the Fisher pass scores, ``coala.fisher``). k_f ≤ k, the
+    largest rank that saves parameters; fewer when the fold's fit has fewer directions of nonzero singular value
+    (e.g. fewer rows than k, ``Decomposition.basis``). None when no rank saves parameters. The statistics must hold
+    their folds (``folds=2``); when every sample fell into one fold (a handful of samples) both are the fit on all
+    of them."""
+    m, n = linear_shape(module)
+    k = (m * n - 1) // (m + n)
+    if k < 1:
+        return None
     if stats is None or stats.folds is None:
-        raise ValueError(f"layer {name}: the held-out truncation loss needs statistics kept in folds of the "
-                         "calibration samples (collect them with folds=2)")
+        raise ValueError(f"layer {name}: the Fisher allocation needs statistics kept in folds of the calibration "
+                         "samples (collect them with folds=2)")
+    if len(stats.folds) != 2:
+        raise ValueError(f"layer {name}: the Fisher allocation fits two folds, the statistics hold {len(stats.folds)}")
     W, stats = weight_and_stats(module, stats, device)
     Wc = W.to(stats.dtype)
+
+    def basis(part: ActivationStats) -> Tensor:
+        return decompose_weight(Wc, part, config, name).basis()[:, :k].to("cpu", W.dtype)
+
     if any(part.num_rows == 0 for part in stats.folds):
-        return heldout_loss(Wc, decompose_weight(Wc, stats, config, name).basis(), stats)
-    return generalization_loss(Wc, stats.folds, lambda part: decompose_weight(Wc, part, config, name).basis())
+        only = basis(stats)
+        return only, only
+    first, second = stats.folds
+    return basis(first), basis(second)
 
 
-def heldout_curves(layers: Mapping[str, nn.Module], source: StatsSource, config: CompressConfig,
-                   device: torch.device | None = None) -> dict[str, Tensor]:
-    """``heldout_curve`` of every layer of ``layers`` (full name → module), side by side on the CPU's workers."""
+def fold_bases_of(layers: Mapping[str, nn.Module], source: StatsSource, config: CompressConfig,
+                  device: torch.device | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+    """``fold_bases`` of every layer of ``layers`` (full name → module) that has a rank saving parameters, side by
+    side on the CPU's workers."""
     names = list(layers)
-    curves = parallel_map(lambda n: heldout_curve(layers[n], stats_for(source, n), config, n, device), names,
-                          workers=worker_count(device))
-    return dict(zip(names, curves, strict=True))
+    found = parallel_map(lambda n: fold_bases(layers[n], stats_for(source, n), config, n, device), names,
+                         workers=worker_count(device))
+    return {name: pair for name, pair in zip(names, found, strict=True) if pair is not None}
 
 
 def new_evidence(shapes: Mapping[str, tuple[int, int]], prefix: str | None = None) -> dict[str, LayerEvidence]:

@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 from .allocate import get_allocation
 from .config import CompressConfig
-from .fisher import gradient_scales
-from .layer_solve import add_evidence, decompose_layer, forced_ranks, heldout_curves, new_evidence, stats_for
+from .fisher import truncation_curves
+from .layer_solve import add_evidence, decompose_layer, fold_bases_of, forced_ranks, new_evidence, stats_for
 from .linalg.decomposition import Decomposition
 from .linalg.methods import get_method
 from .lowrank import linear_shape
@@ -42,16 +42,12 @@ def plan_in_pass(walker: BlockWalker, config: CompressConfig, batches: Sequence[
     if allocation.needs:
         probe = (Probe.build(walker.model, batches, config.sensitivity_samples, config.probe_ratios)
                  if "sensitivity" in allocation.needs else None)
-        if "fisher" in allocation.needs:
-            all_layers = {name: m for layers in walker.layers for name, m in layers.items()}
-            add_fisher(evidence, walker.model, all_layers, batches, config, progress=walker.progress)
-
-        heldout = "heldout_loss" in allocation.needs
+        fisher = "fisher" in allocation.needs
+        bases: dict[str, tuple[Tensor, Tensor]] = {}  # kept until the Fisher pass (about one model's weights)
 
         def solve(step: BlockStep) -> dict[str, Decomposition]:
-            if heldout:
-                for name, curve in heldout_curves(step.layers, step.capture, config).items():
-                    evidence[name].heldout_loss = curve
+            if fisher:
+                bases.update(fold_bases_of(step.layers, step.capture, config))
             if not allocation.needs & {"tail_loss", "sensitivity"}:
                 return {}
             return {name: decompose_layer(module, stats_for(step.capture, name), config, name)
@@ -61,9 +57,11 @@ def plan_in_pass(walker: BlockWalker, config: CompressConfig, batches: Sequence[
             add_evidence(evidence, decompositions, allocation.needs, model=walker.model, layers=step.layers,
                          probe=probe)
 
-        kinds = get_method(config.method).needs | ({"r"} if heldout else set())
-        walker.walk(solve, kinds=kinds, dtype=config.accumulation_dtype, propagate="original", after=after,
-                    desc=f"{allocation.name} allocation", folds=2 if heldout else 1)
+        walker.walk(solve, kinds=get_method(config.method).needs, dtype=config.accumulation_dtype,
+                    propagate="original", after=after, desc=f"{allocation.name} allocation", folds=2 if fisher else 1)
+        if fisher:
+            all_layers = {name: m for layers in walker.layers for name, m in layers.items()}
+            add_fisher(evidence, walker.model, all_layers, bases, batches, config, progress=walker.progress)
     return allocation.allocate(evidence, float(config.ratio))
 
 
@@ -75,12 +73,12 @@ def plan_from_decompositions(
     stats: Mapping | None = None,
     probe: Probe | None = None,
     batches: Sequence[dict[str, Tensor]] | None = None,
-    fisher: Mapping[str, float] | None = None,
-    heldout: Mapping[str, Tensor] | None = None,
+    fisher: Mapping[str, Tensor] | None = None,
 ) -> Plan:
     """The plan for ``layers`` (full name → module of the original ``model``) from ready ``decompositions`` (or
-    ones computed here from ``stats`` when the allocation needs them). Sensitivity needs a ``probe``; held-out
-    curves come from ``heldout`` (``layer_solve.heldout_curves``) or from ``stats`` collected in folds."""
+    ones computed here from ``stats`` when the allocation needs them). Sensitivity needs a ``probe``; the Fisher
+    curves come from ``fisher`` (name → curve, ``coala.fisher.truncation_curves``) or from a backward pass over
+    ``batches`` scoring fits on the folds of ``stats`` (collected with folds=2)."""
     shapes = {name: linear_shape(m) for name, m in layers.items()}
     if config.rank is not None:
         return forced_ranks(shapes, config.rank)
@@ -92,17 +90,13 @@ def plan_from_decompositions(
                              "coala.compress (or pass a sensitivity.Probe)")
         if "fisher" in allocation.needs and fisher is not None:
             for name in layers:
-                evidence[name].fisher = fisher[name]
+                evidence[name].fisher = fisher.get(name)
         elif "fisher" in allocation.needs:
             if batches is None:
                 raise ValueError(f"allocation {allocation.name!r} runs a backward pass on calibration samples: pass "
                                  "the calibration batches (apply_low_rank(..., batches=)), use coala.compress, or "
                                  "choose allocation='uniform'")
-            add_fisher(evidence, model, layers, batches, config)
-        if "heldout_loss" in allocation.needs:
-            curves = heldout if heldout is not None else heldout_curves(layers, stats, config)
-            for name in layers:
-                evidence[name].heldout_loss = curves[name]
+            add_fisher(evidence, model, layers, fold_bases_of(layers, stats, config), batches, config)
         decs = dict(decompositions or {})
         if allocation.needs & {"tail_loss", "sensitivity"}:
             for name, module in layers.items():
@@ -113,9 +107,11 @@ def plan_from_decompositions(
 
 
 def add_fisher(evidence: dict, model: nn.Module, layers: Mapping[str, nn.Module],
-               batches: Sequence[dict[str, Tensor]], config: CompressConfig, progress: bool = False) -> None:
-    """Fill ``evidence[name].fisher`` from one forward + backward of the ORIGINAL ``model`` on the first
-    ``config.fisher_samples`` calibration samples (``coala.fisher.gradient_scales``)."""
-    scales = gradient_scales(model, layers, first_samples(batches, config.fisher_samples), progress=progress)
-    for name, c in scales.items():
-        evidence[name].fisher = c
+               bases: Mapping[str, tuple[Tensor, Tensor]], batches: Sequence[dict[str, Tensor]],
+               config: CompressConfig, progress: bool = False) -> None:
+    """Fill ``evidence[name].fisher`` with each layer's truncation curve from one forward + backward of the ORIGINAL
+    ``model`` on the first ``config.fisher_samples`` calibration samples (``coala.fisher.truncation_curves``),
+    scoring the method's fold ``bases`` (``layer_solve.fold_bases``)."""
+    curves = truncation_curves(model, layers, bases, first_samples(batches, config.fisher_samples), progress=progress)
+    for name, curve in curves.items():
+        evidence[name].fisher = curve

@@ -1,17 +1,17 @@
-"""The Fisher allocation (docs/design.md §6): output-gradient scales from one backward pass, ranks from them."""
+"""The Fisher allocation (docs/design.md §6): truncation curves from per-sample gradients of one backward pass."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import coala
 from _compress_models import batches, build, settings
 from coala.allocate import LayerEvidence, achieved
 from coala.blocks import block_layers, find_blocks
-from coala.fisher import fisher_allocation, gradient_scales
-from coala.lowrank import linear_shape
+from coala.fisher import OWN_FOLD_WEIGHT, fisher_allocation, sample_losses, truncation_curves
+from coala.lowrank import dense_weight, is_conv1d, linear_shape
+from coala.walker import sample_folds
 
 
 def _layers(model):
@@ -19,70 +19,114 @@ def _layers(model):
     return {name: m for layers in block_layers(model, blocks, prefix, None) for name, m in layers.items()}
 
 
-def _reference_scales(model, layers, data):
-    """The same quantity through retain_grad on every layer output (float64 model, parameters trainable)."""
-    model = model.double()
-    outs: dict[str, list] = {name: [] for name in layers}
-    def keep(name):
-        def hook(module, inputs, output):
-            output.retain_grad()
-            outs[name].append(output)
-        return hook
+def _bases(layers, seed=0, dtype=torch.float64):
+    """Two random orthonormal bases (out × k) per layer, k the largest rank that saves parameters."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, module in layers.items():
+        m, n = linear_shape(module)
+        k = (m * n - 1) // (m + n)
+        out[name] = tuple(torch.linalg.qr(torch.randn(m, k, generator=g, dtype=dtype))[0] for _ in range(2))
+    return out
 
-    handles = [m.register_forward_hook(keep(name)) for name, m in layers.items()]
-    sums = dict.fromkeys(layers, 0.0)
-    tokens = 0
+
+def _reference_curves(model, layers, bases, data, seed=0):
+    """The same curves from per-sample weight gradients (autograd, float64 model, weights trainable):
+    Σ_s Σ_f w_{s,f} ⟨∇_W ℓ_s, W − U_r U_rᵀ W⟩², r = 0..k."""
+    gen = torch.Generator().manual_seed(seed)
+    curves = {name: 0.0 for name in layers}
+    first = 0
     for b in data:
-        logits = model(**b).logits
-        labels = b["input_ids"][:, 1:].masked_fill(b["attention_mask"][:, 1:] == 0, -100)
-        F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="sum").backward()
-        tokens += int(b["attention_mask"].sum())
-        for name in layers:
-            sums[name] += float(outs[name].pop().grad.square().sum())
-    for h in handles:
-        h.remove()
-    return {name: sums[name] / (linear_shape(layers[name])[0] * tokens) for name in layers}
+        folds = sample_folds(b, first, 2)
+        first += len(folds)
+        losses = sample_losses(model(**b), b, gen)
+        for s in range(len(losses)):
+            model.zero_grad()
+            losses[s].backward(retain_graph=True)
+            for name, module in layers.items():
+                W = dense_weight(module).detach()
+                G = module.weight.grad.T if is_conv1d(module) else module.weight.grad
+                for f, U in enumerate(bases[name]):
+                    w = OWN_FOLD_WEIGHT if int(folds[s]) == f else 1 - OWN_FOLD_WEIGHT
+                    k = U.shape[1]
+                    inner = torch.stack([((W - U[:, :r] @ (U[:, :r].T @ W)) * G).sum() for r in range(k + 1)])
+                    curves[name] = curves[name] + w * inner.square()
+    model.zero_grad()
+    return curves
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_gradient_scales_match_autograd_reference(kind):
-    model = build(kind)
-    data = batches(n=2, pad=True)
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
+def test_truncation_curves_match_per_sample_gradients_in_float64(kind):
+    model = build(kind).double()
+    data = batches(n=2, batch=3, pad=True)
     layers = _layers(model)
-    assert layers
-    got = gradient_scales(model.double(), layers, data, progress=False)
-    ref_model = build(kind)
-    want = _reference_scales(ref_model, _layers(ref_model), data)
-    for name in layers:
-        assert got[name] == pytest.approx(want[name], rel=1e-6), name  # its loss is summed in float32
-        assert got[name] > 0
+    bases = _bases(layers)
+    got = truncation_curves(model, layers, bases, data, seed=5, progress=False)
     assert all(p.grad is None for p in model.parameters())  # weights got no gradients
     assert all(p.requires_grad for p in model.parameters())  # and are trainable again
+    want = _reference_curves(model, layers, bases, data, seed=5)
+    for name in layers:
+        assert got[name].dtype == torch.float64 and got[name].shape == want[name].shape
+        torch.testing.assert_close(got[name], want[name], rtol=1e-9, atol=1e-12 * float(want[name].max()))
+        assert float(got[name][0]) > 0 and float(got[name][-1]) >= 0
 
 
-def test_encoder_scales_are_seeded_and_positive():
+def test_tokens_add_inside_the_square():
+    """A layer whose per-token errors point the same way for all tokens of a sample costs (Σ_t)², not Σ_t(·)²: the
+    curves differ from the per-token sum on the same model, so the cross-token terms are really there."""
+    model = build("bert").double()
+    data = batches(n=1, batch=2)
+    layers = _layers(model)
+    name = next(iter(layers))
+    bases = {name: _bases({name: layers[name]})[name]}
+    got = truncation_curves(model, layers, bases, data, progress=False)[name]
+    per_token = torch.zeros_like(got)
+    keep = {}
+
+    def hook(module, inputs, output):
+        output.retain_grad()
+        keep.update(x=inputs[0].detach(), y=output)
+
+    handle = layers[name].register_forward_hook(hook)
+    gen = torch.Generator().manual_seed(0)
+    folds = sample_folds(data[0], 0, 2)
+    sample_losses(model(**data[0]), data[0], gen).sum().backward()
+    handle.remove()
+    W = layers[name].weight.detach()
+    for f, U in enumerate(bases[name]):
+        w = torch.where(folds == f, OWN_FOLD_WEIGHT, 1 - OWN_FOLD_WEIGHT).double()
+        for r in range(U.shape[1] + 1):
+            E = (keep["x"] @ (W - U[:, :r] @ (U[:, :r].T @ W)).T) * keep["y"].grad  # (B, S, out)
+            per_token[r] += float((w[:, None] * E.sum(-1).square()).sum())
+    model.zero_grad()
+    assert not torch.allclose(got, per_token, rtol=1e-3, atol=0.0)
+
+
+def test_encoder_curves_are_seeded():
     model = build("bert")
     layers = _layers(model)
+    bases = _bases(layers, dtype=torch.float32)
     data = batches(n=2)
-    a = gradient_scales(model, layers, data, seed=3, progress=False)
-    b = gradient_scales(model, layers, data, seed=3, progress=False)
-    c = gradient_scales(model, layers, data, seed=4, progress=False)
-    assert a == b and a != c
-    assert all(v > 0 for v in a.values())
+    a = truncation_curves(model, layers, bases, data, seed=3, progress=False)
+    b = truncation_curves(model, layers, bases, data, seed=3, progress=False)
+    c = truncation_curves(model, layers, bases, data, seed=4, progress=False)
+    assert all(torch.equal(a[n], b[n]) for n in a) and not all(torch.equal(a[n], c[n]) for n in a)
 
 
 def test_fisher_allocation_spends_the_budget_where_the_loss_cares_least():
-    tail = torch.linspace(1.0, 0.0, 33, dtype=torch.float64) ** 2  # loss[r], r = 0..32
+    tail = torch.linspace(1.0, 0.0, 33, dtype=torch.float64) ** 2  # curve[r], r = 0..32
     evidence = {
-        "careless": LayerEvidence("careless", "a", (32, 32), heldout_loss=tail, fisher=1e-6),
-        "sensitive": LayerEvidence("sensitive", "b", (32, 32), heldout_loss=tail, fisher=1e6),
-        "middle": LayerEvidence("middle", "c", (32, 32), heldout_loss=tail, fisher=1.0),
+        "careless": LayerEvidence("careless", "a", (32, 32), fisher=tail * 1e-6),
+        "sensitive": LayerEvidence("sensitive", "b", (32, 32), fisher=tail * 1e6),
+        "middle": LayerEvidence("middle", "c", (32, 32), fisher=tail),
     }
     plan = fisher_allocation(evidence, 0.3)
     assert plan["sensitive"] is None  # kept dense
     assert plan["careless"] is not None and plan["careless"] < (plan["middle"] or 99)
     got = achieved({n: e.shape for n, e in evidence.items()}, plan)["removed_fraction"]
     assert 0.3 <= got < 0.35
+    with pytest.raises(ValueError, match="careless"):
+        fisher_allocation({"careless": LayerEvidence("careless", "a", (32, 32), fisher=tail[:5])}, 0.3)
 
 
 @pytest.mark.parametrize("kind", ["llama", "bert"])
@@ -101,4 +145,28 @@ def test_fisher_samples_is_its_own_setting_and_is_recorded():
     from coala.compress import allocation_meta
 
     meta = allocation_meta(coala.CompressConfig(fisher_samples=8))
-    assert meta == {"kind": "fisher", "samples": 8, "curves": "held-out (2 folds)"}
+    assert meta == {"kind": "fisher", "samples": 8, "bases": "2 folds, ¼ own + ¾ other"}
+
+
+def test_a_fold_with_few_rows_credits_no_rank_past_its_fit():
+    """Fitted on 6 rows, a 48 × 32 layer's COALA basis has 6 known directions: the others are arbitrary and left
+    out, and the curve keeps its rank-6 value up to k (not a value that depends on the SVD's choice of a null basis)."""
+    from coala.config import CompressConfig
+    from coala.layer_solve import fold_bases
+    from coala.linalg.stats import stats_from_rows
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(32, 48).double()
+    parts = [stats_from_rows(torch.randn(6, 32, dtype=torch.float64), ("r",), torch.float64) for _ in range(2)]
+    stats = type(parts[0]).of_folds(parts)
+    U0, U1 = fold_bases(layer, stats, CompressConfig(), "probe")
+    assert U0.shape == U1.shape == (48, 6)
+    model = build("llama").double()
+    layers = _layers(model)
+    name = next(iter(layers))
+    m, n = linear_shape(layers[name])
+    k = (m * n - 1) // (m + n)
+    narrow = tuple(U[:, :3] for U in _bases({name: layers[name]})[name])
+    curve = truncation_curves(model, layers, {name: narrow}, batches(n=1), progress=False)[name]
+    assert curve.shape == (k + 1,)
+    assert torch.all(curve[3:] == curve[3]) and curve[0] != curve[3]

@@ -32,8 +32,9 @@ class Decomposition(ABC):
 
     def basis(self) -> Tensor:
         """U (out × k): every method here truncates by a left projection, W'_r = U_r U_rᵀ W (exactly for coala,
-        svd, asvd and svd-llm; for svd-llm-v2 up to the Gram null directions it drops). Used to evaluate the fit on
-        other rows (``coala.linalg.heldout``)."""
+        svd, asvd and svd-llm; for svd-llm-v2 up to the Gram null directions it drops); only the k directions of
+        nonzero singular value (``known_directions``), the others being an arbitrary basis of a null space. Used to
+        evaluate the fit on other rows (the Fisher allocation, ``coala.fisher``)."""
         raise NotImplementedError(f"{type(self).__name__} does not expose its projection basis")
 
     def factors(self, rank: int) -> tuple[Tensor, Tensor]:
@@ -52,7 +53,7 @@ class BalancedSVD(Decomposition):
         self.out_features, self.in_features = out_in
 
     def basis(self) -> Tensor:
-        return self.U
+        return self.U[:, : known_directions(self.S, self.U.dtype, max(self.out_features, self.in_features))]
 
     def _factors(self, rank: int) -> tuple[Tensor, Tensor]:
         root = self.S[:rank].sqrt()
@@ -61,6 +62,14 @@ class BalancedSVD(Decomposition):
         if self.right is not None:
             B = B @ self.right if self.right.ndim == 2 else B * self.right
         return A, B
+
+
+def known_directions(S: Tensor, dtype: torch.dtype, size: int) -> int:
+    """How many of the singular values S (descending) are not rounding noise of a ``dtype`` SVD of a matrix whose
+    larger side is ``size``: S_i > S_0 · size · eps(dtype)."""
+    if S.numel() == 0 or not float(S[0]) > 0:
+        return 0
+    return int((S > float(S[0]) * size * torch.finfo(dtype).eps).sum())
 
 
 def tail_sums_of_squares(S: Tensor, length: int) -> Tensor:

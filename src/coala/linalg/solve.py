@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from .decomposition import Decomposition, tail_sums_of_squares
+from .decomposition import Decomposition, known_directions, tail_sums_of_squares
 from .lapack import svd
 from .tsqr import regularize
 
@@ -52,11 +52,15 @@ class CoalaDecomposition(Decomposition):
         return self.mu * weighted / plain if plain > floor else 0.0
 
     def basis(self) -> Tensor:
-        """U of W R(μ)ᵀ for the fixed μ (with the adaptive rule, whose μ depends on the rank: the μ = 0 basis)."""
+        """U of W R(μ)ᵀ for the fixed μ (with the adaptive rule, whose μ depends on the rank: the μ = 0 basis), its
+        directions of nonzero singular value only."""
         mu = 0.0 if self.adaptive_mu else self.mu
-        if mu not in self._by_mu:
-            self._by_mu[mu] = _left_singular(self.W, regularize(self.R, mu))[0]
-        return self._by_mu[mu]
+        if mu == 0.0:
+            U, S = self.U0, self.S0
+        else:
+            U, S = _left_singular(self.W, regularize(self.R, mu))
+            self._by_mu.setdefault(mu, U)
+        return U[:, : known_directions(S, U.dtype, max(self.W.shape))]
 
     def _factors(self, rank: int) -> tuple[Tensor, Tensor]:
         mu = self.effective_mu(rank)

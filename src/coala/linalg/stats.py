@@ -116,7 +116,7 @@ class ActivationStats:
     def of_folds(cls, folds: list[ActivationStats]) -> ActivationStats:
         """The statistics of all rows of ``folds`` (disjoint parts of one stream, e.g. alternate calibration
         samples), merged exactly into a new object (the parts are not changed) that keeps them as ``folds`` for
-        held-out evaluation (``coala.linalg.heldout``)."""
+        fits on each fold (the Fisher allocation, ``coala.fisher``)."""
         first = folds[0]
         out = cls(first.in_features, first.kinds, dtype=first.dtype, device=first.device, name=first.name)
         for part in folds:
