@@ -32,7 +32,7 @@ class CoalaDecomposition(Decomposition):
         self.W, self.R, self.mu, self.adaptive_mu, self.name = W, R, float(mu), adaptive_mu, name
         self.out_features, self.in_features = W.shape
         self.U0, self.S0 = _left_singular(W, R)
-        self._by_mu: dict[float, Tensor] = {0.0: self.U0}
+        self._by_mu: dict[float, tuple[Tensor, Tensor]] = {0.0: (self.U0, self.S0)}
 
     def truncation_loss(self) -> Tensor:
         """loss[r] = ‖(W − W'_r)Xᵀ‖²_F (μ = 0) for r = 0..min(out, in); float64."""
@@ -54,19 +54,17 @@ class CoalaDecomposition(Decomposition):
     def basis(self) -> Tensor:
         """U of W R(μ)ᵀ for the fixed μ (with the adaptive rule, whose μ depends on the rank: the μ = 0 basis), its
         directions of nonzero singular value only."""
-        mu = 0.0 if self.adaptive_mu else self.mu
-        if mu == 0.0:
-            U, S = self.U0, self.S0
-        else:
-            U, S = _left_singular(self.W, regularize(self.R, mu))
-            self._by_mu.setdefault(mu, U)
+        U, S = self._singular(0.0 if self.adaptive_mu else self.mu)
         return U[:, : known_directions(S, U.dtype, max(self.W.shape))]
 
-    def _factors(self, rank: int) -> tuple[Tensor, Tensor]:
-        mu = self.effective_mu(rank)
+    def _singular(self, mu: float) -> tuple[Tensor, Tensor]:
+        """(U, Σ) of W R(μ)ᵀ, one SVD per μ."""
         if mu not in self._by_mu:
-            self._by_mu[mu] = _left_singular(self.W, regularize(self.R, mu))[0]
-        Ur = self._by_mu[mu][:, :rank]
+            self._by_mu[mu] = _left_singular(self.W, regularize(self.R, mu))
+        return self._by_mu[mu]
+
+    def _factors(self, rank: int) -> tuple[Tensor, Tensor]:
+        Ur = self._singular(self.effective_mu(rank))[0][:, :rank]
         return Ur.contiguous(), Ur.T @ self.W
 
 
