@@ -67,6 +67,12 @@ def rank_for_ratio(m: int, n: int, ratio: float) -> int | None:
     return r
 
 
+def largest_saving_rank(m: int, n: int) -> int:
+    """The largest rank r of an m × n matrix whose factors cost fewer weights than the matrix, r·(m + n) < m·n
+    (0 when none does): the top of every allocation's search."""
+    return (m * n - 1) // (m + n)
+
+
 def uniform_ranks(shapes: dict[str, tuple[int, int]], ratio: float) -> dict[str, int | None]:
     """The same ratio for every matrix: name → rank (None: stays dense). shapes: name → (out, in)."""
     ratio = _check_ratio(ratio)

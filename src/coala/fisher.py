@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .allocate import LayerEvidence, RankOptions, lagrangian_ranks, register_allocation
+from .allocate import LayerEvidence, RankOptions, lagrangian_ranks, largest_saving_rank, register_allocation
 from .blocks import no_kv_cache
 from .evaluate import mean_pool
 from .lowrank import dense_bias, dense_weight, linear_shape, model_device
@@ -129,8 +129,7 @@ def truncation_curves(model: nn.Module, layers: Mapping[str, nn.Module], bases: 
     handles = []
 
     def watch(name: str, module: nn.Module):
-        m, n = linear_shape(module)
-        k = (m * n - 1) // (m + n)
+        k = largest_saving_rank(*linear_shape(module))
         bias = dense_bias(module)
         work = torch.float64 if dense_weight(module).dtype == torch.float64 else torch.float32
         Us = [U.to(device=device, dtype=work) for U in bases[name]]
@@ -194,8 +193,7 @@ def fisher_allocation(evidence: Mapping[str, LayerEvidence], ratio: float) -> di
     across the ranks of a distributed run."""
     options = {}
     for name, e in evidence.items():
-        m, n = e.shape
-        top = (m * n - 1) // (m + n)
+        top = largest_saving_rank(*e.shape)
         if top < 1:
             continue
         if e.fisher is None or e.fisher.shape[0] < top + 1:

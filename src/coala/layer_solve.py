@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import sensitivity
-from .allocate import LayerEvidence
+from .allocate import LayerEvidence, largest_saving_rank
 from .capture import InputCapture
 from .compress_report import LayerReport
 from .config import CompressConfig
@@ -93,8 +93,7 @@ def fold_bases(module: nn.Module, stats: ActivationStats | None, config: Compres
     (e.g. fewer rows than k, ``Decomposition.basis``). None when no rank saves parameters. The statistics must hold
     their folds (``folds=2``); when every sample fell into one fold (a handful of samples) both are the fit on all
     of them."""
-    m, n = linear_shape(module)
-    k = (m * n - 1) // (m + n)
+    k = largest_saving_rank(*linear_shape(module))
     if k < 1:
         return None
     if stats is None or stats.folds is None:

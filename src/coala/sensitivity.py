@@ -30,7 +30,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .allocate import LayerEvidence, RankOptions, lagrangian_ranks, rank_for_ratio, register_allocation
+from .allocate import (
+    LayerEvidence,
+    RankOptions,
+    lagrangian_ranks,
+    largest_saving_rank,
+    rank_for_ratio,
+    register_allocation,
+)
 from .blocks import no_kv_cache
 from .evaluate import mean_pool
 from .linalg.decomposition import Decomposition
@@ -190,8 +197,7 @@ def allocate(curves: Mapping[str, SensitivityCurve], ratio: float, shapes: Mappi
     a curve stay dense."""
     options = {}
     for name, c in curves.items():
-        m, n = c.shape
-        ranks = [None, *range(c.min_rank, (m * n - 1) // (m + n) + 1)]
+        ranks = [None, *range(c.min_rank, largest_saving_rank(*c.shape) + 1)]
         cost = torch.tensor([c.change(r) for r in ranks], dtype=torch.float64)
         options[name] = RankOptions(c.shape, ranks, cost)
     try:
