@@ -217,7 +217,8 @@ class BlockWalker:
             for b in bar:
                 if capture is not None:
                     capture.mask = inputs.masks[b]
-                    capture.row_folds = sample_folds(self.batches[b], first, capture.folds)
+                    if capture.folds > 1:  # hashing every sample is only needed when the rows are kept in folds
+                        capture.row_folds = sample_folds(self.batches[b], first, capture.folds)
                     first += inputs.sizes[b]
                 args, kwargs = inputs.call(b, self.device)
                 out = block(*args, **kwargs)
