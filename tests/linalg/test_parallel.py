@@ -64,6 +64,32 @@ def test_workers_take_the_callers_autograd_and_inference_modes():
     assert parallel_map(lambda _: torch.is_grad_enabled(), [0, 1, 2], workers=2) == [True] * 3
 
 
+def _finishes(fn, seconds: float = 60.0):
+    """fn() run in a daemon thread; its result, or a failure (not a hung suite) when it deadlocks."""
+    box: list = []
+    t = threading.Thread(target=lambda: box.append(fn()), daemon=True)
+    t.start()
+    t.join(seconds)
+    assert box, f"deadlock: not finished within {seconds} s"
+    return box[0]
+
+
+def test_nested_parallel_map_runs_inline_instead_of_deadlocking():
+    # every worker of the 2-thread pool waits for work submitted to that same pool: deadlocked before
+    inner = lambda i: sum(parallel_map(lambda j: i * j, [1, 2, 3], workers=2))  # noqa: E731
+    assert _finishes(lambda: parallel_map(inner, [1, 2], workers=2)) == [6, 12]
+
+
+def test_solver_threads_reading_factors_with_lanes():
+    # what `coala compress` does: layers sharing an input read its R from parallel solver threads, and the first
+    # read folds the lanes side by side (parallel_map inside parallel_map): hung `benchmarks/gpu_check.py` on CPU
+    X = _ill(3000, 96, 1e4, seed=11)
+    factors = [RFactor(96, dtype=F64, block_rows=500, lanes=2).update(X) for _ in range(2)]
+    Rs = _finishes(lambda: parallel_map(lambda f: f.R, [factors[0], factors[1], factors[0], factors[1]], workers=2))
+    scale = float(_reference(X).abs().max())
+    assert all(torch.allclose(R, _reference(X), atol=1e-11 * scale) for R in Rs)
+
+
 def test_worker_count_and_default_lanes():
     assert worker_count("meta") == 1 and default_lanes(4096, "meta") == 1
     assert default_lanes(16) == 1  # tiny widths: one thread is already fast

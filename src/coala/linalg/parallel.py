@@ -29,6 +29,7 @@ R = TypeVar("R")
 
 _LOCK = threading.Lock()
 _POOL: dict[tuple[int, int], ThreadPoolExecutor] = {}
+_INSIDE = threading.local()  # .active is True in a thread that runs a parallel_map item
 _OMP: list = []
 
 
@@ -72,12 +73,14 @@ def worker_count(device: torch.device | str | None = None) -> int:
 def parallel_map(fn: Callable[[T], R], items: Sequence[T], workers: int | None = None) -> list[R]:
     """``[fn(x) for x in items]``, run on up to ``workers`` pinned threads (default ``worker_count()``).
 
-    With one worker or one item, everything runs in the calling thread, unchanged. The first exception raised by
-    ``fn`` is re-raised here (after the items already started have finished).
+    With one worker or one item, everything runs in the calling thread, unchanged. So does a call made from inside
+    an item (nested work: e.g. a solver thread reading an R factor whose lanes fold in parallel): its thread is
+    already pinned to one compute thread, and submitting to a pool whose workers all wait for it would deadlock.
+    The first exception raised by ``fn`` is re-raised here (after the items already started have finished).
     """
     workers = worker_count() if workers is None else int(workers)
     workers = min(workers, len(items))
-    if workers <= 1:
+    if workers <= 1 or getattr(_INSIDE, "active", False):
         return [fn(x) for x in items]
     with _LOCK:
         key = (os.getpid(), workers)  # a forked child inherits the pool object but not its threads
@@ -89,7 +92,11 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T], workers: int | None =
     # the caller's (an in-place update of a tensor made in inference mode is refused outside it)
 
     def call(x: T) -> R:
-        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-            return fn(x)
+        _INSIDE.active = True
+        try:
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                return fn(x)
+        finally:
+            _INSIDE.active = False
 
     return list(pool.map(call, items))
