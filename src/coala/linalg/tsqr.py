@@ -27,6 +27,10 @@ _READING = threading.Lock()  # the first read of R folds the pending rows in: on
 MAX_LANES = 4  # partial factors per RFactor at most: each costs n² values, and the final merge ≈ n³ flops each
 
 
+DEVICE_BLOCK_ROWS = 65536  # rows per update off the CPU (see default_block_rows)
+DEVICE_BUFFER_BYTES = 2**30  # float32 bytes of that buffer at most (above n = 4096 it holds fewer rows)
+
+
 def default_block_rows(in_features: int, device: torch.device | str | None = None) -> int:
     """Rows buffered per QR update (per lane).
 
@@ -38,11 +42,15 @@ def default_block_rows(in_features: int, device: torch.device | str | None = Non
     n = 4096). Measured (benchmarks/runtime.py, one thread): at n = 1024, 8192 rows 1.45× the Gram against 1.56×
     for 4096; at n = 576, 8192 best (16384 rows leave the caches); at n = 2048, 2048/4096/8192 rows within noise
     (1.36/1.32/1.33); at n = 4096, 2048/4096/8192 rows 1.27/1.22/1.20 (4096 kept: the buffer doubles again).
-    Other devices (one geqrf of the stacked (n + b) × n matrix, ≈ 2(b + n)n² flops): max(4n, 2048), so that
-    the triangle costs at most ≈ 17 % extra.
+    Other devices (one cuSOLVER geqrf of the stacked (n + b) × n matrix per update): as many rows as a float32
+    buffer of ``DEVICE_BUFFER_BYTES`` (1 GiB) holds, at most 65,536 and at least 4n. cuSOLVER's geqrf runs far
+    below GEMM speed on short stacks, so fewer, taller updates win: on an H200, 262,144 rows in float32
+    (benchmarks/gpu_check.py), R / Gram at n = 1024 / 2048 / 4096 was 42.9 / 16.8 / 9.8 with 4n rows per update,
+    11.7 / 6.6 / 4.3 with 65,536, and one geqrf of all rows 6.2 / 3.8 / 2.5. The buffer grows with the rows it
+    holds, so a few thousand calibration rows never allocate the whole of it.
     """
     if device is not None and torch.device(device).type != "cpu":
-        return max(4 * in_features, 2048)
+        return max(4 * in_features, min(DEVICE_BLOCK_ROWS, DEVICE_BUFFER_BYTES // (4 * in_features)))
     rows = 1 << max(0, (2**23 // max(in_features, 1)).bit_length() - 1)
     return min(8192, max(4096 if in_features <= 4096 else 2048, rows))
 
@@ -103,7 +111,7 @@ class RFactor:
         self.num_rows = 0
         self._R = torch.zeros(in_features, in_features, dtype=dtype, device=self.device)
         self._lane_R: list[Tensor | None] = [None] * (self.lanes - 1)  # lanes 1.., allocated on first use
-        self._buf: Tensor | None = None  # (lanes·block_rows × n), allocated on first use; QRs work in it in place
+        self._buf: Tensor | None = None  # (≤ lanes·block_rows × n), grown as rows come; QRs work in it in place
         self._fill = 0
         self._R_shared = False  # True once R was handed out: the next in-place update works on a copy
         self._workspace: list[dict[str, Tensor]] = [{} for _ in range(self.lanes)]  # the kernel's scratch per lane
@@ -122,15 +130,26 @@ class RFactor:
         capacity = self.lanes * self.block_rows
         start = 0
         while start < rows.shape[0]:
-            if self._buf is None:
-                self._buf = torch.empty(capacity, self.in_features, dtype=self.dtype, device=self.device)
             take = min(capacity - self._fill, rows.shape[0] - start)
+            self._reserve(self._fill + take, capacity)
             self._buf[self._fill : self._fill + take].copy_(rows[start : start + take])
             self._fill += take
             start += take
             if self._fill == capacity:
                 self._flush()
         return self
+
+    def _reserve(self, rows: int, capacity: int) -> None:
+        """Make the buffer hold at least ``rows`` rows: it doubles as it fills, up to ``capacity``, so that a
+        factor that sees a few thousand rows never allocates a buffer of lanes × block_rows."""
+        have = 0 if self._buf is None else self._buf.shape[0]
+        if have >= rows:
+            return
+        size = min(capacity, max(rows, 2 * have, min(capacity, 4096)))
+        buf = torch.empty(size, self.in_features, dtype=self.dtype, device=self.device)
+        if self._fill:
+            buf[: self._fill].copy_(self._buf[: self._fill])
+        self._buf = buf
 
     def _flush(self) -> None:
         """Fold the buffered rows into the lanes' factors (side by side when there are enough rows for each)."""
