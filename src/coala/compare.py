@@ -109,10 +109,10 @@ class CompareResult:
     labels: dict[str, str] = field(default_factory=dict)
 
     def table(self) -> tuple[list[str], list[list[object]]]:
-        headers = ["method", "ratio", "removed (targeted)", *(self.labels.get(m, m) for m in self.metrics),
-                   "mean rel. weighted err"]
-        body = [[r["method"], r["ratio"], r["removed"], *(r.get(m) for m in self.metrics), r["weighted_err"]]
-                for r in self.rows]
+        headers = ["method", "allocation", "ratio", "removed (targeted)",
+                   *(self.labels.get(m, m) for m in self.metrics), "mean rel. weighted err"]
+        body = [[r["method"], r.get("allocation", "-"), r["ratio"], r["removed"], *(r.get(m) for m in self.metrics),
+                 r["weighted_err"]] for r in self.rows]
         return headers, body
 
 
@@ -211,7 +211,7 @@ def compare(model: nn.Module, tokenizer, config: CompareConfig | None = None, *,
     for method in mine:
         if method == "original":
             t = time.perf_counter()
-            local[method] = [{"method": "original", "ratio": 0.0, "removed": 0.0, "weighted_err": 0.0,
+            local[method] = [{"method": "original", "allocation": "-", "ratio": 0.0, "removed": 0.0, "weighted_err": 0.0,
                               **_evaluate(model, tokenizer, evals, config, references, windows)}]
             times["eval_s"] += time.perf_counter() - t
             continue
@@ -241,7 +241,8 @@ def compare(model: nn.Module, tokenizer, config: CompareConfig | None = None, *,
             times["eval_s"] += time.perf_counter() - t
             removed = achieved({r.name: (r.out_features, r.in_features) for r in report_rows},
                                {r.name: r.rank for r in report_rows})["removed_fraction"]
-            local[method].append({"method": method, "ratio": ratio, "removed": removed,
+            local[method].append({"method": method, "allocation": cell.resolved_allocation, "ratio": ratio,
+                                  "removed": removed,
                                   "weighted_err": sum(errors) / len(errors) if errors else float("nan"), **metrics})
             del candidate
             bar.update(1)
@@ -253,7 +254,7 @@ def compare(model: nn.Module, tokenizer, config: CompareConfig | None = None, *,
     for key in ("solve_s", "eval_s"):  # summed over the ranks (work done), not wall time
         times[key] = sum(part["times"][key] for part in shared)
     times["total_s"] = time.perf_counter() - t0
-    metrics = [k for k in rows[0] if k not in ("method", "ratio", "removed", "weighted_err")]
+    metrics = [k for k in rows[0] if k not in ("method", "allocation", "ratio", "removed", "weighted_err")]
     return CompareResult(rows, metrics, times, {m: metric_label(m, calibration) for m in metrics})
 
 
@@ -270,7 +271,7 @@ def results_markdown(result: CompareResult) -> str:
     headers, body = result.table()
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     cols = [*result.metrics, "weighted_err"]
-    keys = ["method", "ratio", "removed", *cols]
+    keys = ["method", "allocation", "ratio", "removed", *cols]
     for row, cells in zip(result.rows, body, strict=True):
         same_ratio = [r for r in result.rows if r["ratio"] == row["ratio"]]
         out = []

@@ -55,7 +55,10 @@ def test_compare_runs_one_calibration_pass_and_writes_table(tiny_llama, tokenize
         assert abs(row["removed"] - row["ratio"]) < 0.1 and row[f"ppl:{text}"] > 1.0
     files = write_results(result, tmp_path / "out")
     table = list(csv.reader(open(files["csv"])))
-    assert table[0][:3] == ["method", "ratio", "removed (targeted)"] and len(table) == 1 + 7
+    assert table[0][:4] == ["method", "allocation", "ratio", "removed (targeted)"] and len(table) == 1 + 7
+    # each method's own allocation is named, not "auto" (coala: fisher; svd-llm-v2: its published one)
+    assert {r[0]: r[1] for r in table[1:]} == {"original": "-", "coala": "fisher", "svd-llm-v2": "svd-llm-v2",
+                                               "svd": "uniform"}
     md = files["md"].read_text()
     assert "**" in md and "| original |" in md
     assert files["png"].stat().st_size > 10_000
@@ -93,10 +96,11 @@ def test_markdown_bolds_the_best_per_ratio():
     from coala.compare import CompareResult
 
     rows = [{"method": "original", "ratio": 0.0, "removed": 0.0, "weighted_err": 0.0, "ppl:x": 5.0},
-            {"method": "a", "ratio": 0.2, "removed": 0.2, "weighted_err": 0.1, "ppl:x": 7.0},
-            {"method": "b", "ratio": 0.2, "removed": 0.2, "weighted_err": 0.3, "ppl:x": 6.0}]
+            {"method": "a", "allocation": "fisher", "ratio": 0.2, "removed": 0.2, "weighted_err": 0.1, "ppl:x": 7.0},
+            {"method": "b", "allocation": "uniform", "ratio": 0.2, "removed": 0.2, "weighted_err": 0.3, "ppl:x": 6.0}]
     md = results_markdown(CompareResult(rows, ["ppl:x"], {}))
-    assert "| a | 0.2 | 0.2 | 7 | **0.1** |" in md and "| b | 0.2 | 0.2 | **6** | 0.3 |" in md
+    assert "| a | fisher | 0.2 | 0.2 | 7 | **0.1** |" in md and "| b | uniform | 0.2 | 0.2 | **6** | 0.3 |" in md
+    assert "| original | - | 0 |" in md  # rows without an allocation (results of older versions) show "-"
 
 
 def test_default_evaluation_is_out_of_domain_and_in_domain_labelled(tokenizer):
@@ -114,9 +118,9 @@ def test_default_evaluation_is_out_of_domain_and_in_domain_labelled(tokenizer):
     result = compare(encoder, tokenizer, CompareConfig(methods=["coala"], ratios=[0.5]),
                      data=CalibrationConfig(nsamples=8, seqlen=64), runtime=QUIET)
     headers, body = result.table()
-    assert headers[3:7] == ["cos mean english (out of domain)", "cos p05 english (out of domain)",
+    assert headers[4:8] == ["cos mean english (out of domain)", "cos p05 english (out of domain)",
                             "cos mean builtin (in domain, held out)", "cos p05 builtin (in domain, held out)"]
-    assert body[0][3:7] == pytest.approx([1.0] * 4) and all(0 < v < 1 for v in body[1][3:7])
+    assert body[0][4:8] == pytest.approx([1.0] * 4) and all(0 < v < 1 for v in body[1][4:8])
     assert metric_label("ppl:english", "docs") == "ppl english (out of domain)"
     assert metric_label("ppl:builtin", "docs") == "ppl builtin (partly in domain, held out)"
     assert metric_label("task:piqa") == "task:piqa"
