@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ppl-seqlen", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=8192, help="tokens of each evaluation text")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-compress", action="store_true",
+                   help="only the compare part (issue 12's timing: --ratios 0.2,0.4 --ppl-seqlen 2048 --eval-tokens "
+                        "4096 --threads 2 is `coala compare smollm2 ... --eval-tokens 4096`)")
     p.add_argument("--out", default=None, help="folder for smollm2.md and smollm2.png")
     args = p.parse_args(argv)
     if args.threads:
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     original = evaluate(model, tokenizer, evals)
     print(f"load {load_s:.1f} s; original: " + ", ".join(f"{k} {v:.2f}" for k, v in original.items()), flush=True)
     rows = [{"run": "original", "method": "-", "allocation": "-", "ratio": 0.0, **original}]
-    for ratio in ratios:
+    for ratio in [] if args.no_compress else ratios:
         candidate = copy.deepcopy(model)
         t = time.perf_counter()
         report = coala.compress(candidate, "builtin", coala.CompressConfig(ratio=ratio), data=data, runtime=quiet,
@@ -90,12 +93,16 @@ def main(argv: list[str] | None = None) -> int:
         del candidate
     methods = tuple(m for m in args.methods.split(",") if m)
     if methods:
+        t = time.perf_counter()
         result = compare(model, tokenizer, CompareConfig(methods=methods, ratios=tuple(ratios),
                                                          evals=("ppl:english", "ppl:builtin"),
                                                          ppl_seqlen=args.ppl_seqlen,
                                                          eval_tokens=args.eval_tokens),
                          calibration="builtin", data=data, runtime=quiet)
-        print("compare (one calibration pass, original propagation): "
+        wall = time.perf_counter() - t
+        print(f"compare of {len(methods)} methods × {len(ratios)} ratios (one calibration pass, original propagation): "
+              f"wall {wall:.0f} s = {wall / 60:.1f} min, {len(result.rows)} models (the original too) evaluated on "
+              f"{sum(w.windows * w.seqlen for w in evals.values())} tokens each; "
               + ", ".join(f"{k} {v:.0f} s" for k, v in result.times.items()), flush=True)
         for row in result.rows[1:]:
             ppl = {"english (out of domain)": row.get("ppl:english"), "builtin (in domain)": row.get("ppl:builtin")}
