@@ -58,7 +58,7 @@ def test_write_results_draws_the_png_and_leaves_grad_mode_alone(tmp_path):
 def test_write_results_without_matplotlib_skips_only_the_png(tmp_path, no_matplotlib, capsys):
     files = write_results(_result(), tmp_path)
     assert set(files) == {"csv", "md"}
-    assert files["csv"].read_text().splitlines()[0].startswith("method,ratio")
+    assert files["csv"].read_text().splitlines()[0].startswith("method,allocation,ratio")
     assert "**0.98**" in files["md"].read_text()  # best cos_mean at 0.2 in bold
     assert not (tmp_path / "results.png").exists()
     err = capsys.readouterr().err.strip()
