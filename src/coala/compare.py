@@ -211,8 +211,8 @@ def compare(model: nn.Module, tokenizer, config: CompareConfig | None = None, *,
     for method in mine:
         if method == "original":
             t = time.perf_counter()
-            local[method] = [{"method": "original", "allocation": "-", "ratio": 0.0, "removed": 0.0, "weighted_err": 0.0,
-                              **_evaluate(model, tokenizer, evals, config, references, windows)}]
+            local[method] = [{"method": "original", "allocation": "-", "ratio": 0.0, "removed": 0.0,
+                              "weighted_err": 0.0, **_evaluate(model, tokenizer, evals, config, references, windows)}]
             times["eval_s"] += time.perf_counter() - t
             continue
         local[method] = []
