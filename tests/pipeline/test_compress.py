@@ -251,3 +251,38 @@ def test_minilm_20_percent_keeps_sentence_embeddings(minilm):
               f"{uniform[source].mean_cosine:.4f}, sensitivity {sensitive[source].mean_cosine:.4f} (p05 "
               f"{sensitive[source].p05_cosine:.4f}), plain SVD {plain[source].mean_cosine:.4f}")
         assert plain[source].mean_cosine + 0.15 < uniform[source].mean_cosine < sensitive[source].mean_cosine
+
+
+def test_default_compress_on_two_threads_finishes():
+    """Layers 128 wide give every R factor two lanes on two threads; the solver threads' first reads of R fold the
+    lanes side by side: with the default Fisher allocation this deadlocked (nested thread pools), as did
+    `coala compress --threads 2` on MiniLM. Run in a daemon thread so that a regression fails instead of hanging."""
+    import threading
+
+    from _compress_models import VOCAB
+    from _tiny_models import tiny_llama_lm
+    from coala.linalg.tsqr import default_lanes
+
+    model = tiny_llama_lm(VOCAB, hidden=128)
+    data = batches(n=4, batch=4, seq=64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert default_lanes(128) == 2 or not coala.linalg.parallel.worker_count() > 1
+        box: list = []
+
+        def run() -> None:
+            try:
+                box.append(compress(model, data, **settings(ratio=0.3)))
+            except BaseException as err:  # handed to the test thread
+                box.append(err)
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        t.join(120)
+    finally:
+        torch.set_num_threads(threads)
+    assert box, "compress on two threads did not finish within 120 s (deadlock?)"
+    if isinstance(box[0], BaseException):
+        raise box[0]
+    assert box[0].allocation == "fisher" and any(r.rank is not None for r in box[0].layers)
