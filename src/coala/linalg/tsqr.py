@@ -44,10 +44,11 @@ def default_block_rows(in_features: int, device: torch.device | str | None = Non
     (1.36/1.32/1.33); at n = 4096, 2048/4096/8192 rows 1.27/1.22/1.20 (4096 kept: the buffer doubles again).
     Other devices (one cuSOLVER geqrf of the stacked (n + b) × n matrix per update): as many rows as a float32
     buffer of ``DEVICE_BUFFER_BYTES`` (1 GiB) holds, at most 65,536 and at least 4n. cuSOLVER's geqrf runs far
-    below GEMM speed on short stacks, so fewer, taller updates win: on an H200, 262,144 rows in float32
-    (benchmarks/gpu_check.py), R / Gram at n = 1024 / 2048 / 4096 was 42.9 / 16.8 / 9.8 with 4n rows per update,
-    11.7 / 6.6 / 4.3 with 65,536, and one geqrf of all rows 6.2 / 3.8 / 2.5. The buffer grows with the rows it
-    holds, so a few thousand calibration rows never allocate the whole of it.
+    below GEMM speed on short stacks, so fewer, taller updates win. On an H200, 262,144 rows in float32
+    (docs/results/gpu_stream.md; ``benchmarks/runtime.py --sections gpu`` times it): R / Gram at n = 1024 /
+    2048 / 4096 was 42.9 / 16.8 / 9.8 with 4n rows per update, 11.7 / 6.6 / 4.3 with 65,536, and one geqrf of
+    all rows 6.2 / 3.8 / 2.5. The buffer grows with the rows it holds, so a few thousand calibration rows never
+    allocate the whole of it.
     """
     if device is not None and torch.device(device).type != "cpu":
         return max(4 * in_features, min(DEVICE_BLOCK_ROWS, DEVICE_BUFFER_BYTES // (4 * in_features)))
