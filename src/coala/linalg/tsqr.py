@@ -23,7 +23,6 @@ from .dtypes import ACCUMULATION_DTYPES
 from .parallel import parallel_map, worker_count
 from .qr_update import normalize_signs, r_of_stacked, stack_triangle_, update_r_
 
-_READING = threading.Lock()  # the first read of R folds the pending rows in: one thread at a time
 MAX_LANES = 4  # partial factors per RFactor at most: each costs n² values, and the final merge ≈ n³ flops each
 
 
@@ -116,6 +115,7 @@ class RFactor:
         self._fill = 0
         self._R_shared = False  # True once R was handed out: the next in-place update works on a copy
         self._workspace: list[dict[str, Tensor]] = [{} for _ in range(self.lanes)]  # the kernel's scratch per lane
+        self._reading = threading.Lock()  # the first read of R folds the pending rows in: one thread at a time
 
     # ------------------------------------------------------------------ streaming
     def update(self, x: Tensor, mask: Tensor | None = None) -> RFactor:
@@ -210,7 +210,7 @@ class RFactor:
     def R(self) -> Tensor:
         """(n × n) upper triangular, diag ≥ 0, RᵀR = XᵀX of all rows seen; in ``dtype`` (CoalaError when it
         overflowed: activations too large for the accumulation dtype)."""
-        with _READING:  # layers that share an input read its R from several solver threads at once
+        with self._reading:  # layers that share an input read its R from several solver threads at once
             self._fold_lanes()
             self._R = normalize_signs(self._R)
             self._R_shared = True
