@@ -10,7 +10,8 @@ and propagated through every block by plain forwards. On each measured block, in
 
 - forward: the batches through the block, no hooks — the floor;
 - calibration (R): the same forwards feeding one ``RFactor`` per distinct input (coala's statistics pass), then
-  reading every R (pending rows folded in, lanes merged);
+  reading every R (pending rows folded in, lanes merged) from ``parallel_map`` workers, as ``compress``'s solver
+  threads do;
 - calibration (Gram): the same with SVD-LLM's Gram accumulation;
 - solve: the block's 7 matrices decomposed (coala: SVD of W Rᵀ; svd-llm: Cholesky, inverse, SVD) and their factors
   at ratio 0.2, one after the other on the calling thread's settings, and side by side (``parallel_map``).
@@ -65,8 +66,8 @@ def measure_block(block, layers: dict, inputs, repeats: int) -> dict[str, float]
     def calibrate(kind: str) -> None:
         with InputCapture(block, layers, (kind,)) as cap:
             forward(cap)
-        for s in cap.stats.values():
-            _ = s.r.R if kind == "r" else s.gram.G  # fold pending rows / lanes: part of the statistics' cost
+        # fold pending rows / lanes (part of the statistics' cost) where compress does: in the solver threads
+        parallel_map(lambda s: s.r.R if kind == "r" else s.gram.G, list(cap.stats.values()))
         captured[kind] = cap
 
     with torch.no_grad():

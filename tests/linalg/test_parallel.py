@@ -90,6 +90,19 @@ def test_solver_threads_reading_factors_with_lanes():
     assert all(torch.allclose(R, _reference(X), atol=1e-11 * scale) for R in Rs)
 
 
+def test_a_read_inside_a_worker_takes_every_row_on_one_lane():
+    # lanes folded inside a solver thread would run one after the other and then need a merge: one lane does the
+    # same work without the merge, and gives the single-lane factor bit for bit
+    X = _ill(900, 96, 1e4, seed=12)
+    one = RFactor(96, dtype=F64, block_rows=1000, lanes=1).update(X).R
+    two_in_worker = _finishes(lambda: parallel_map(lambda f: f.R, [RFactor(96, dtype=F64, block_rows=1000,
+                                                                           lanes=2).update(X)] * 2, workers=2))
+    assert torch.equal(two_in_worker[0], one) and torch.equal(two_in_worker[1], one)
+    two_outside = RFactor(96, dtype=F64, block_rows=1000, lanes=2).update(X).R  # two lanes of 450 rows, merged
+    assert not torch.equal(two_outside, one)
+    assert torch.allclose(two_outside, one, atol=1e-11 * float(one.abs().max()))
+
+
 def test_worker_count_and_default_lanes():
     assert worker_count("meta") == 1 and default_lanes(4096, "meta") == 1
     assert default_lanes(16) == 1  # tiny widths: one thread is already fast

@@ -22,7 +22,7 @@ import torch
 
 from . import lapack
 
-__all__ = ["parallel_map", "worker_count"]
+__all__ = ["in_worker", "parallel_map", "worker_count"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -70,6 +70,11 @@ def worker_count(device: torch.device | str | None = None) -> int:
     return max(1, torch.get_num_threads())
 
 
+def in_worker() -> bool:
+    """Whether the calling thread is running a ``parallel_map`` item (a nested ``parallel_map`` runs inline there)."""
+    return bool(getattr(_INSIDE, "active", False))
+
+
 def parallel_map(fn: Callable[[T], R], items: Sequence[T], workers: int | None = None) -> list[R]:
     """``[fn(x) for x in items]``, run on up to ``workers`` pinned threads (default ``worker_count()``).
 
@@ -80,7 +85,7 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T], workers: int | None =
     """
     workers = worker_count() if workers is None else int(workers)
     workers = min(workers, len(items))
-    if workers <= 1 or getattr(_INSIDE, "active", False):
+    if workers <= 1 or in_worker():
         return [fn(x) for x in items]
     with _LOCK:
         key = (os.getpid(), workers)  # a forked child inherits the pool object but not its threads

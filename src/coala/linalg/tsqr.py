@@ -20,7 +20,7 @@ from torch import Tensor
 from ..errors import CoalaError, CoalaTypeError
 from .checks import check_fits, check_mu, flatten_rows
 from .dtypes import ACCUMULATION_DTYPES
-from .parallel import parallel_map, worker_count
+from .parallel import in_worker, parallel_map, worker_count
 from .qr_update import normalize_signs, r_of_stacked, stack_triangle_, update_r_
 
 MAX_LANES = 4  # partial factors per RFactor at most: each costs n² values, and the final merge ≈ n³ flops each
@@ -160,6 +160,11 @@ class RFactor:
         if self._R_shared or not self._R.is_contiguous():
             self._R = self._R.contiguous().clone()
             self._R_shared = False
+        if in_worker():  # a read from a parallel_map item (a solver thread): lanes would run one after the other
+            # here and then cost a merge (≈ n³ flops each), so lane 0 takes every row, block_rows at a time
+            for lo in range(0, fill, self.block_rows):
+                update_r_(self._R, self._buf[lo : min(fill, lo + self.block_rows)], self._workspace[0])
+            return
         # a full buffer always goes to every lane; a partial one when each lane gets min(n, block_rows) rows (the
         # former rule, n rows each, kept every n > block_rows, e.g. n = 4096 with 2048 rows, on one lane for good)
         used = self.lanes if fill >= self.lanes * min(self.in_features, self.block_rows) else 1
