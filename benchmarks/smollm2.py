@@ -3,7 +3,8 @@ under the same parameter budget, perplexity out of domain and in domain (issue 1
 
 For each ratio:
 - ``coala compress smollm2 --nsamples 32 --seqlen 256`` with its defaults (COALA, Fisher allocation, compressed
-  propagation): total run time, the allocation's extra cost next to the calibration pass, and perplexity;
+  propagation): total run time, the allocation's extra cost next to the calibration pass, and perplexity; with
+  ``--propagations auto,corrected`` also ``--propagate corrected --correction α`` (the error-correcting solve);
 - ``coala compare`` (one calibration pass on the original model) for svd-llm, svd-llm-v2, asvd, svd and coala, each
   with its own default allocation ("auto"; coala's Fisher allocation there runs with original propagation).
 Perplexity: ``english`` — the built-in evaluation text, written separately from every calibration source (out of
@@ -59,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-compress", action="store_true",
                    help="only the compare part (issue 12's timing: --ratios 0.2,0.4 --ppl-seqlen 2048 --eval-tokens "
                         "4096 --threads 2 is `coala compare smollm2 ... --eval-tokens 4096`)")
+    p.add_argument("--propagations", default="auto",
+                   help="comma-separated propagations of the compress part, each run at every ratio: auto (coala's "
+                        "default), corrected (the error-correcting solve, --correction)")
+    p.add_argument("--correction", type=float, default=0.25, help="alpha of --propagations corrected (default 0.25)")
     p.add_argument("--out", default=None, help="folder for smollm2.md and smollm2.png")
     args = p.parse_args(argv)
     if args.threads:
@@ -74,21 +79,24 @@ def main(argv: list[str] | None = None) -> int:
     original = evaluate(model, tokenizer, evals)
     print(f"load {load_s:.1f} s; original: " + ", ".join(f"{k} {v:.2f}" for k, v in original.items()), flush=True)
     rows = [{"run": "original", "method": "-", "allocation": "-", "ratio": 0.0, **original}]
-    for ratio in [] if args.no_compress else ratios:
+    runs = [(ratio, prop) for ratio in ratios for prop in args.propagations.split(",") if prop]
+    for ratio, prop in [] if args.no_compress else runs:
         candidate = copy.deepcopy(model)
         t = time.perf_counter()
-        report = coala.compress(candidate, "builtin", coala.CompressConfig(ratio=ratio), data=data, runtime=quiet,
-                                tokenizer=tokenizer)
+        config = coala.CompressConfig(ratio=ratio, propagate=prop, correction=args.correction)
+        report = coala.compress(candidate, "builtin", config, data=data, runtime=quiet, tokenizer=tokenizer)
+        label = "defaults" if prop == "auto" else f"propagate {prop}" + (
+            f", correction {args.correction:g}" if prop == "corrected" else "")
         total = time.perf_counter() - t
         ppl = evaluate(candidate, tokenizer, evals)
         times = report.times
         extra = times.get("allocation_s", 0.0)
-        print(f"coala compress (defaults) at {ratio:.0%}: " + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items())
+        print(f"coala compress ({label}) at {ratio:.0%}: " + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items())
               + f"; run {total:.0f} s (calibration pass {times['calibration_s']:.0f} s, allocation extra "
               f"{extra:.0f} s = {extra / max(times['calibration_s'], 1e-9):.2f} calibration passes, solves "
               f"{times['solve_s']:.0f} s)",
               flush=True)
-        rows.append({"run": "compress (defaults)", "method": "coala", "allocation": report.allocation, "ratio": ratio,
+        rows.append({"run": f"compress ({label})", "method": "coala", "allocation": report.allocation, "ratio": ratio,
                      "run_s": total, **ppl})
         del candidate
     methods = tuple(m for m in args.methods.split(",") if m)

@@ -117,14 +117,17 @@ def rows_of_rank(rank: int, n: int) -> torch.Tensor:
 
 
 def compress_worker(rank: int, out: str, cases: list) -> None:
-    """``compress`` of each case (kind, method, stats_dtype, pad) on this rank's shard; rank 0 writes the model."""
+    """``compress`` of each case (kind, method[+propagation], stats_dtype, pad) on this rank's shard; rank 0 writes the
+    model."""
     from _compress_models import batches
     from coala.compress import compress
     from coala.config import CompressConfig, OutputConfig, RuntimeConfig
 
     for kind, method, dtype, pad in cases:
         model = build_case(kind)
-        report = compress(model, batches(n=3, pad=pad), CompressConfig(ratio=0.4, method=method, stats_dtype=dtype),
+        name, _, propagate = method.partition("+")  # "coala+corrected": a method and its propagation
+        config = CompressConfig(ratio=0.4, method=name, stats_dtype=dtype, propagate=propagate or "auto")
+        report = compress(model, batches(n=3, pad=pad), config,
                           runtime=RuntimeConfig(progress=False),
                           output=OutputConfig(out_dir=f"{out}/{kind}-{method}-{dtype}"))
         save_json(f"{out}/{kind}-{method}-{dtype}-report-{rank}.json", report.to_dict()["layers"])

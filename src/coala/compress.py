@@ -141,7 +141,8 @@ def compress(model: nn.Module, calibration="builtin", config: CompressConfig | N
             return BlockResult(state, meta)
 
         results = walker.walk(solve, kinds=config.kinds(), dtype=config.accumulation_dtype,
-                              propagate=config.resolved_propagate, checkpoint=ckpt, done=done, restore=restore,
+                              propagate=config.resolved_propagate, correction=float(config.correction),
+                              checkpoint=ckpt, done=done, restore=restore,
                               desc="compress blocks")
         report = CompressionReport(
             method=config.method, ratio=None if config.rank is not None else float(config.ratio),
@@ -185,6 +186,7 @@ def _save(model: nn.Module, config: CompressConfig, description: dict, report: C
 
     meta = {"method": config.method, "ratio": config.ratio, "rank_override": config.rank, "mu": config.mu,
             "adaptive_mu": config.adaptive_mu, "propagate": config.resolved_propagate,
+            **({"correction": float(config.correction)} if config.resolved_propagate == "corrected" else {}),
             "allocation": allocation_meta(config),
             "targets": config.targets, "stats_dtype": config.stats_dtype, "calibration": description,
             "totals": report.totals(), **origin_meta(model)}

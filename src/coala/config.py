@@ -30,7 +30,7 @@ from .linalg.dtypes import ACCUMULATION_DTYPES
 from .linalg.methods import METHODS, get_method
 from .sensitivity import PROBE_RATIOS
 
-PROPAGATIONS = ("compressed", "original")
+PROPAGATIONS = ("compressed", "original", "corrected")
 CALIB_MODES = ("auto", "windows", "sentences")
 
 
@@ -125,7 +125,9 @@ class CompressConfig:
     allocation for svd-llm-v2, uniform otherwise). ``propagate``: the next block is calibrated on the outputs of
     the compressed block ("compressed", sequential) or of the original one ("original", SVD-LLM's and ASVD's
     profiling); "auto" is the method's own (``Method.propagate``: original for the published profiling of asvd,
-    svd-llm and svd-llm-v2, compressed for coala and svd).
+    svd-llm and svd-llm-v2, compressed for coala and svd). "corrected" (coala only) is compressed propagation whose
+    layers are fitted to W(αX + (1 − α)X̃)ᵀ, α = ``correction``: part of the original model's output, so that each
+    block also corrects the error of the blocks before it (``linalg.corrected``, docs/design.md §4).
     """
 
     ratio: float = option(0.2, "fraction of the targeted layers' parameters removed, in (0, 1)", parse=float)
@@ -139,8 +141,13 @@ class CompressConfig:
                                      parse=_rank)
     propagate: str = option(
         "auto", "next block's inputs: outputs of the compressed block or of the original; auto: the method's own "
-        "(original for asvd, svd-llm, svd-llm-v2 as published; compressed for coala, svd)",
+        "(original for asvd, svd-llm, svd-llm-v2 as published; compressed for coala, svd); corrected (coala): "
+        "compressed, each layer fitted partly to the original model's output (--correction)",
         choices=lambda: ["auto", *PROPAGATIONS])
+    correction: float = option(
+        0.25, "with --propagate corrected (coala only): weight alpha of the ORIGINAL model's inputs X in each layer's "
+        "target W(alpha X + (1 - alpha) X~)^T, X~ the compressed path's (docs/design.md §4; costs a second stream "
+        "of hidden states and statistics of twice the width)", parse=float)
     allocation: str = option(
         "auto", "ranks from --ratio: auto (the method's own: fisher for coala, svd-llm-v2 per group, others "
         "uniform), fisher (each truncation's loss increase from per-sample gradients, one backward pass), "
@@ -170,6 +177,12 @@ class CompressConfig:
             raise CoalaError(f"mu / adaptive_mu apply to method 'coala' only, not {self.method!r}", argument="mu")
         if self.propagate != "auto" and self.propagate not in PROPAGATIONS:
             raise CoalaError(f"propagate must be 'auto' or one of {PROPAGATIONS}, got {self.propagate!r}",
+                             argument="propagate")
+        if not _is_number(self.correction) or not 0.0 < float(self.correction) <= 1.0:
+            raise CoalaError(f"correction must be in (0, 1], got {self.correction!r}", argument="correction")
+        if self.propagate == "corrected" and (self.method != "coala" or self.adaptive_mu):
+            raise CoalaError("propagate='corrected' is the error-correcting COALA solve: it needs method 'coala' "
+                             f"and a fixed mu (got method {self.method!r}, adaptive_mu={self.adaptive_mu})",
                              argument="propagate")
         if self.allocation != "auto" and self.allocation not in allocation_names():
             raise CoalaError(f"allocation must be 'auto' or one of {allocation_names()}, got {self.allocation!r}",

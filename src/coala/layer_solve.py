@@ -20,6 +20,8 @@ from .allocate import LayerEvidence, largest_saving_rank
 from .capture import InputCapture
 from .compress_report import LayerReport
 from .config import CompressConfig
+from .linalg.checks import check_mu, check_weight
+from .linalg.corrected import CorrectedDecomposition
 from .linalg.decomposition import Decomposition
 from .linalg.methods import decompose
 from .linalg.parallel import parallel_map, worker_count
@@ -74,8 +76,19 @@ def weight_and_stats(module: nn.Module, stats: ActivationStats | None, device: t
     return W, stats
 
 
+def is_paired(W: Tensor, stats: ActivationStats | None) -> bool:
+    """Whether ``stats`` are the paired statistics of propagate="corrected": rows [x̃, target], twice W's width."""
+    return stats is not None and stats.r is not None and stats.in_features == 2 * W.shape[-1]
+
+
 def decompose_weight(W: Tensor, stats: ActivationStats | None, config: CompressConfig, name: str) -> Decomposition:
-    """One decomposition of W (out × in) with ``config``'s method and μ."""
+    """One decomposition of W (out × in) with ``config``'s method and μ (the error-correcting COALA solve on paired
+    statistics)."""
+    if is_paired(W, stats):
+        check_weight(W, name)
+        cdtype = torch.float64 if W.dtype == stats.dtype == torch.float64 else torch.float32
+        Wc = W.to(cdtype)
+        return CorrectedDecomposition(Wc, stats.r.R.to(Wc), mu=check_mu(config.mu, name), name=name)
     return decompose(W, stats, method=config.method, mu=config.mu, adaptive_mu=config.adaptive_mu, name=name)
 
 
@@ -149,6 +162,12 @@ def weighted_error(W: Tensor, A: Tensor, B: Tensor, stats: ActivationStats | Non
         return None, None
     R = stats.r.R
     Wc = W.to(device=R.device, dtype=R.dtype)
+    if is_paired(W, stats):  # ‖W Yᵀ − AB X̃ᵀ‖ = ‖W S[:, n:]ᵀ − AB S[:, :n]ᵀ‖ with S the R factor of [X̃, Y]
+        n = W.shape[1]
+        target = Wc @ R[:, n:].T
+        diff = target - A.to(Wc) @ (B.to(Wc) @ R[:, :n].T)
+        loss, base = float(diff.to(torch.float64).square().sum()), float(target.to(torch.float64).square().sum())
+        return loss, (math.sqrt(loss / base) if base > 0 else 0.0)
     WR = Wc @ R.T  # (W − AB)Rᵀ = WRᵀ − A(BRᵀ): 2n²(m + r) + 2mrn flops instead of 4mn² + 2mrn, same rounding level
     diff = WR - A.to(Wc) @ (B.to(Wc) @ R.T)
     loss = float(diff.to(torch.float64).square().sum())

@@ -90,6 +90,8 @@ class BlockWalker:
         self.home = model_device(model)
         self.device = torch.device(device) if device is not None else self.home
         self.inputs: BlockInputs | None = None
+        self.originals: BlockInputs | None = None  # the original model's stream (propagate="corrected")
+        self.correction: float | None = None
         self.times = {"forward": 0.0, "solve": 0.0, "after": 0.0}
 
     def __len__(self) -> int:
@@ -112,6 +114,7 @@ class BlockWalker:
         restore: Callable[[dict[str, Tensor], dict], Any] | None = None,
         desc: str = "blocks",
         folds: int = 1,
+        correction: float = 0.25,
     ) -> list[Any]:
         """Run the loop of the module docstring over every block; returns what ``solve`` (or ``restore``, for the
         first ``done`` blocks read back from ``checkpoint``) returned for each block.
@@ -119,10 +122,14 @@ class BlockWalker:
         ``kinds``: statistics to collect ("r", "gram", "absmean"; none: no forward pass runs at all), accumulated
         in ``dtype``. With ``checkpoint``, ``solve`` returns an object with ``state`` (tensors) and ``meta``
         (JSON), saved after each block. ``folds`` > 1: the statistics also keep their rows in that many parts, by
-        calibration sample (``sample_folds``; ``InputCapture``), as ``stats.folds``.
+        calibration sample (``sample_folds``; ``InputCapture``), as ``stats.folds``. ``propagate="corrected"``:
+        compressed propagation whose statistics pair each input x̃ with the mix x̃ + α(x − x̃), α = ``correction``,
+        x the same tokens' input in the original model (a second stream of hidden states, ``originals``, runs
+        through the unchanged blocks; ``coala.linalg.corrected``).
         """
-        if propagate not in ("original", "compressed"):
-            raise ValueError(f"propagate must be 'original' or 'compressed', got {propagate!r}")
+        if propagate not in ("original", "compressed", "corrected"):
+            raise ValueError(f"propagate must be 'original', 'compressed' or 'corrected', got {propagate!r}")
+        self.correction = correction if propagate == "corrected" else None
         if done and (checkpoint is None or restore is None):
             raise ValueError("resuming (done > 0) needs the checkpoint and a restore callback")
         kinds = set(kinds)
@@ -132,7 +139,7 @@ class BlockWalker:
         with torch.no_grad(), contextlib.ExitStack() as cleanup:
             cleanup.callback(self.close)
             if forward:
-                self._catch()
+                self._catch(second=propagate == "corrected")
             for i in tqdm(range(len(self)), desc=desc, disable=not self.progress):
                 step = BlockStep(i, self.block_name(i), self.layers[i], None)
                 if i < done:
@@ -146,7 +153,7 @@ class BlockWalker:
                     result = solve(step)
                     self.times["solve"] += time.perf_counter() - t0
                     step.capture = None  # free the statistics before the propagation forward
-                    if forward and propagate == "compressed" and i < last:
+                    if forward and propagate != "original" and i < last:
                         self._run(i, desc="propagate")
                 step.layers = self._refresh_layers(i)
                 if after is not None:
@@ -162,8 +169,14 @@ class BlockWalker:
     def _statistics(self, i: int, kinds: set[str], dtype: torch.dtype, write: bool, folds: int = 1) -> InputCapture:
         """Statistics of the inputs of block i's targeted layers (one ActivationStats per distinct input), on the
         device; with ``write``, the batches' hidden states become the (unchanged) block's outputs."""
-        with InputCapture(self.blocks[i], self.layers[i], kinds, dtype=dtype, device=self.device, folds=folds) as cap:
-            self._run(i, capture=cap, write=write, desc="calibrate")
+        if self.correction is not None:
+            cap = InputCapture(self.blocks[i], self.layers[i], kinds, dtype=dtype, device=self.device, folds=folds,
+                               correction=self.correction)
+            self._run_paired(i, cap, write_original=i < len(self) - 1)
+        else:
+            with InputCapture(self.blocks[i], self.layers[i], kinds, dtype=dtype, device=self.device,
+                              folds=folds) as cap:
+                self._run(i, capture=cap, write=write, desc="calibrate")
         missing = [name for name in self.layers[i] if name not in cap.group_of]
         if missing:
             raise ValueError(f"layer {missing[0]} received no input during the calibration forward passes")
@@ -178,7 +191,9 @@ class BlockWalker:
         """Block i from the checkpoint: its saved layers swapped in, its outputs propagated as in the first run."""
         state, meta = checkpoint.load_block(i)
         with self._on_device(i):
-            if propagate == "compressed":
+            if propagate == "corrected" and forward:  # the original stream goes through the unchanged block first
+                self._run(i, desc="replay original", inputs=self.originals)
+            if propagate != "original":
                 result = restore(state, meta)
             if forward:
                 self._run(i, desc="replay")
@@ -193,23 +208,63 @@ class BlockWalker:
         return self.layers[i]
 
     # ------------------------------------------------------------------------------------------ parts
-    def _catch(self) -> None:
+    def _catch(self, second: bool = False) -> None:
+        """Block 0's inputs for every batch; with ``second``, a second copy (``originals``: the original stream)."""
         self.close()
         t0 = time.perf_counter()
         self.inputs = catch_block_inputs(self.model, self.blocks[0], self.batches, progress=self.progress,
                                          offload_dir=self.offload_dir)
+        if second:
+            where = os.path.join(self.offload_dir, "original") if self.offload_dir is not None else None
+            self.originals = catch_block_inputs(self.model, self.blocks[0], self.batches, progress=self.progress,
+                                                offload_dir=where)
         self.times["forward"] += time.perf_counter() - t0
 
     def close(self) -> None:
         """Drop the cached hidden states (and their files when offloaded)."""
-        if self.inputs is not None:
-            self.inputs.close()
-            self.inputs = None
+        for inputs in (self.originals, self.inputs):  # the originals' folder sits inside the other's
+            if inputs is not None:
+                inputs.close()
+        self.inputs = self.originals = None
 
-    def _run(self, i: int, *, capture: InputCapture | None = None, write: bool = True, desc: str = "") -> None:
-        """Stream every batch through block i (already on the device); with ``write``, each batch's hidden states
-        become the block's outputs (checked finite on real tokens)."""
-        block, inputs = self.blocks[i], self.inputs
+    def _run_paired(self, i: int, capture: InputCapture, write_original: bool) -> None:
+        """Per batch: the original stream through block i (its inputs recorded; with ``write_original``, its outputs
+        become the next block's original inputs), then the compressed stream, whose inputs ``capture`` pairs with
+        the recorded ones. Block i is still unchanged, so both see the same weights."""
+        block, t0 = self.blocks[i], time.perf_counter()
+        recorder = InputCapture(block, self.layers[i], (), record=True)
+        bar = tqdm(range(len(self.inputs)), desc=f"calibrate {self.block_name(i)}", disable=not self.progress,
+                   leave=False)
+        first = 0
+        with torch.no_grad():
+            for b in bar:
+                with recorder:
+                    self._forward(i, self.originals, b, write=write_original)
+                capture.targets, capture.mask = recorder.recorded, self.inputs.masks[b]
+                if capture.folds > 1:
+                    capture.row_folds = sample_folds(self.batches[b], first, capture.folds)
+                first += self.inputs.sizes[b]
+                with capture:
+                    self._forward(i, self.inputs, b, write=False)
+                recorder.recorded, capture.targets = {}, None
+        self.times["forward"] += time.perf_counter() - t0
+
+    def _forward(self, i: int, inputs: BlockInputs, b: int, write: bool) -> None:
+        """Batch b of ``inputs`` through block i; with ``write``, its outputs replace the batch's hidden states."""
+        args, kwargs = inputs.call(b, self.device)
+        out = self.blocks[i](*args, **kwargs)
+        del args, kwargs
+        if write:
+            h = out[0] if isinstance(out, (tuple, list)) else out
+            check_outputs(h, inputs.masks[b], f"block {self.block_name(i)}")
+            inputs.set_hidden(b, h)
+
+    def _run(self, i: int, *, capture: InputCapture | None = None, write: bool = True, desc: str = "",
+             inputs: BlockInputs | None = None) -> None:
+        """Stream every batch of ``inputs`` (default: the compressed / only stream) through block i (already on the
+        device); with ``write``, each batch's hidden states become the block's outputs (checked finite on real
+        tokens)."""
+        inputs = inputs if inputs is not None else self.inputs
         t0 = time.perf_counter()
         bar = tqdm(range(len(inputs)), desc=f"{desc} {self.block_name(i)}", disable=not self.progress, leave=False)
         first = 0  # index of the batch's first sample in the walk
@@ -220,14 +275,7 @@ class BlockWalker:
                     if capture.folds > 1:  # hashing every sample is only needed when the rows are kept in folds
                         capture.row_folds = sample_folds(self.batches[b], first, capture.folds)
                     first += inputs.sizes[b]
-                args, kwargs = inputs.call(b, self.device)
-                out = block(*args, **kwargs)
-                del args, kwargs
-                if write:
-                    h = out[0] if isinstance(out, (tuple, list)) else out
-                    check_outputs(h, inputs.masks[b], f"block {self.block_name(i)}")
-                    inputs.set_hidden(b, h)
-                del out
+                self._forward(i, inputs, b, write)
         self.times["forward"] += time.perf_counter() - t0
 
     @contextlib.contextmanager

@@ -77,14 +77,16 @@ def test_two_ranks_save_the_one_process_model(kind, tmp_path):
     # float64 statistics: the two summation orders agree to ~1e-15, so W' must agree to float32 rounding; the
     # float32 default (llama, coala) agrees to the rounding of the statistics (≈ a batch reordering in one process)
     cases = [(kind, "coala", "float64", True), (kind, "svd-llm", "float64", False)]
-    if kind == "llama":
-        cases.append((kind, "coala", "float32", False))
+    if kind == "llama":  # and the error-correcting propagation: two streams, paired statistics, padding
+        cases += [(kind, "coala", "float32", False), (kind, "coala+corrected", "float64", True)]
     spawn(compress_worker, 2, str(tmp_path), cases)
     for _, method, dtype, pad in cases:
         name = f"{kind}-{method}-{dtype}"
         one = build_case(kind)
-        report = compress(one, batches(n=3, pad=pad), CompressConfig(ratio=0.4, method=method, stats_dtype=dtype),
-                          runtime=RuntimeConfig(progress=False))
+        config = CompressConfig(ratio=0.4, method=method.partition("+")[0], stats_dtype=dtype,
+                                propagate=method.partition("+")[2] or "auto")
+        report = compress(one, batches(n=3, pad=pad), config, runtime=RuntimeConfig(progress=False))
+        assert report.propagate == (method.partition("+")[2] or report.propagate)
         _assert_same_products(one, coala.load(tmp_path / name), 1e-5)
         ranks = [json.loads((tmp_path / f"{name}-report-{r}.json").read_text()) for r in range(2)]
         assert ranks[0] == ranks[1]  # every rank returns the same report ...

@@ -146,7 +146,7 @@ def test_save_load_identical_outputs(kind, tmp_path):
 
 @pytest.mark.parametrize(("propagate", "method", "allocation"), [
     ("compressed", "coala", "auto"), ("original", "coala", "auto"), ("compressed", "svd-llm-v2", "auto"),
-    ("compressed", "coala", "sensitivity")])
+    ("compressed", "coala", "sensitivity"), ("corrected", "coala", "auto")])
 def test_resume_gives_identical_files(tmp_path, monkeypatch, propagate, method, allocation):
     data = batches(n=2)
     cfg = dict(ratio=0.3, propagate=propagate, method=method, allocation=allocation, sensitivity_samples=4)

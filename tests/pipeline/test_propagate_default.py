@@ -25,7 +25,8 @@ def test_auto_resolves_to_the_methods_own(method, expected):
 
 
 def test_unknown_propagation_is_refused():
-    with pytest.raises(CoalaError, match=r"propagate must be 'auto' or one of \('compressed', 'original'\)"):
+    with pytest.raises(CoalaError, match=r"propagate must be 'auto' or one of "
+                                         r"\('compressed', 'original', 'corrected'\)"):
         CompressConfig(propagate="sequential")
 
 

@@ -31,7 +31,7 @@ class CoalaDecomposition(Decomposition):
     def __init__(self, W: Tensor, R: Tensor, mu: float = 0.0, adaptive_mu: bool = False, name: str | None = None):
         self.W, self.R, self.mu, self.adaptive_mu, self.name = W, R, float(mu), adaptive_mu, name
         self.out_features, self.in_features = W.shape
-        self.U0, self.S0 = _left_singular(W, R)
+        self.U0, self.S0 = left_singular(W, R)
         self._by_mu: dict[float, tuple[Tensor, Tensor]] = {0.0: (self.U0, self.S0)}
 
     def truncation_loss(self) -> Tensor:
@@ -60,7 +60,7 @@ class CoalaDecomposition(Decomposition):
     def _singular(self, mu: float) -> tuple[Tensor, Tensor]:
         """(U, Σ) of W R(μ)ᵀ, one SVD per μ."""
         if mu not in self._by_mu:
-            self._by_mu[mu] = _left_singular(self.W, regularize(self.R, mu))
+            self._by_mu[mu] = left_singular(self.W, regularize(self.R, mu))
         return self._by_mu[mu]
 
     def _factors(self, rank: int) -> tuple[Tensor, Tensor]:
@@ -80,7 +80,7 @@ def _scaled(t: Tensor, e: int) -> Tensor:
     return t * 2.0**half * 2.0 ** (-e - half)
 
 
-def _left_singular(W: Tensor, R: Tensor) -> tuple[Tensor, Tensor]:
+def left_singular(W: Tensor, R: Tensor) -> tuple[Tensor, Tensor]:
     """U (out × k) and Σ (k,, float64) of W Rᵀ, k = min(out, in).
 
     When the product could overflow, or lose precision to underflow (huge or tiny weights / activations), W and R
