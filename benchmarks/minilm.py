@@ -1,12 +1,13 @@
 """The bundled encoder with few calibration samples: ``coala compress --nsamples 32`` on all-MiniLM-L6-v2.
 
-Run: ``python benchmarks/minilm.py [--seeds 0,1,2] [--allocations auto,uniform]`` from the repository root (or
-``coala bench minilm``). For each allocation and sampling seed: ``coala.compress`` with default settings otherwise
-(COALA, μ = 0, 20 % of the targeted parameters removed, the built-in calibration mix, 32 samples), then the mean
-cosine between the original and the compressed model's sentence embeddings on ``english`` (written apart from every
-calibration text: out of domain) and on the held-out sentences of the built-in mix (in domain), and the run time
-of ``compress``. ``auto`` is COALA's default (the Fisher allocation on held-out truncation curves, docs/design.md
-§6). Target (issue 10): out-of-domain mean cosine ≥ 0.93 in ≤ 60 s.
+Run: ``python benchmarks/minilm.py [--seeds 0,1,2] [--allocations auto,uniform] [--propagations auto,corrected]``
+from the repository root (or ``coala bench minilm``). For each allocation (and propagation) and sampling seed:
+``coala.compress`` with default settings otherwise (COALA, μ = 0, 20 % of the targeted parameters removed, the
+built-in calibration mix, 32 samples), then the mean cosine between the original and the compressed model's
+sentence embeddings on ``english`` (written apart from every calibration text: out of domain) and on the held-out
+sentences of the built-in mix (in domain), and the run time of ``compress``. ``auto`` is COALA's default (the Fisher
+allocation on held-out truncation curves, docs/design.md §6). Target (issue 10): out-of-domain mean cosine ≥ 0.93
+in ≤ 60 s.
 """
 
 from __future__ import annotations
@@ -38,22 +39,33 @@ def run(args) -> list[dict]:
     texts = {k: evaluation_sentences(k)[: args.sentences] for k in ("english", "builtin")}
     refs = {k: sentence_embeddings(model, tok, t) for k, t in texts.items()}
     rows = []
-    for allocation in args.allocations:
+    for allocation, propagate in settings(args):
         for seed in args.seeds:
             m = copy.deepcopy(model)
             t0 = time.perf_counter()
-            report = coala.compress(m, "builtin", coala.CompressConfig(ratio=args.ratio, allocation=allocation),
+            config = coala.CompressConfig(ratio=args.ratio, allocation=allocation, propagate=propagate)
+            report = coala.compress(m, "builtin", config,
                                     data=coala.CalibrationConfig(nsamples=args.nsamples, seed=seed),
                                     runtime=coala.RuntimeConfig(progress=False), tokenizer=tok)
             seconds = time.perf_counter() - t0
             cos = {k: embedding_fidelity(m, refs[k], tok, t).mean_cosine for k, t in texts.items()}
-            rows.append({"allocation": report.allocation, "asked": allocation, "seed": seed, "seconds": seconds,
-                         "tokens": report.calibration.get("tokens"), **cos})
-            print(f"{allocation} ({report.allocation}) seed {seed}: english (out of domain) {cos['english']:.4f}, "
+            rows.append({"allocation": report.allocation, "asked": label(allocation, propagate), "seed": seed,
+                         "seconds": seconds, "tokens": report.calibration.get("tokens"), **cos})
+            print(f"{label(allocation, propagate)} ({report.allocation}) seed {seed}: english (out of domain) "
+                  f"{cos['english']:.4f}, "
                   f"builtin (in domain) {cos['builtin']:.4f}, {seconds:.1f} s, "
                   f"{report.calibration.get('tokens')} tokens", flush=True)
             del m
     return rows
+
+
+def settings(args) -> list[tuple[str, str]]:
+    """(allocation, propagation) pairs, allocations first."""
+    return [(a, p) for a in args.allocations for p in args.propagations]
+
+
+def label(allocation: str, propagate: str) -> str:
+    return allocation if propagate == "auto" else f"{allocation}, propagate {propagate}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,21 +74,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ratio", type=float, default=0.2)
     ap.add_argument("--seeds", default="0,1,2", help="sampling seeds, comma-separated")
     ap.add_argument("--allocations", default="auto,uniform", help="allocations, comma-separated")
+    ap.add_argument("--propagations", default="auto",
+                    help="propagations, comma-separated: auto (coala's default), corrected (error-correcting)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--sentences", type=int, default=None, help="evaluate on the first N sentences of each text")
     ap.add_argument("--out", default=None, help="output folder (default results/minilm)")
     args = ap.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
     args.allocations = [a for a in args.allocations.split(",") if a]
+    args.propagations = [p for p in args.propagations.split(",") if p]
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = run(args)
     body = []
-    for allocation in args.allocations:
-        mine = [r for r in rows if r["asked"] == allocation]
+    names = [label(a, p) for a, p in settings(args)]
+    for name in names:
+        mine = [r for r in rows if r["asked"] == name]
         mean = {k: statistics.mean(r[k] for r in mine) for k in ("english", "builtin", "seconds")}
         spread = statistics.pstdev([r["english"] for r in mine]) if len(mine) > 1 else 0.0
-        body.append([f"{allocation} ({mine[0]['allocation']})", f"{mean['english']:.3f} ± {spread:.3f}",
+        body.append([f"{name} ({mine[0]['allocation']})", f"{mean['english']:.3f} ± {spread:.3f}",
                      f"{mean['builtin']:.3f}", f"{mean['seconds']:.1f}", len(mine)])
     table = markdown_table(["allocation", "mean cos english (out of domain)", "mean cos builtin (in domain)",
                             "compress s", "seeds"], body)
@@ -87,14 +103,14 @@ def main(argv: list[str] | None = None) -> int:
              "Target: ≥ 0.93 out of domain in ≤ 60 s.")
     write_markdown(out / "minilm.md", title, table, notes)
     fig, ax = new_figure()
-    for i, allocation in enumerate(args.allocations):
-        mine = [r for r in rows if r["asked"] == allocation]
+    for i, name in enumerate(names):
+        mine = [r for r in rows if r["asked"] == name]
         ax.scatter([i - 0.1] * len(mine), [r["english"] for r in mine], label="english (out of domain)" if i == 0
                    else None, color="C0")
         ax.scatter([i + 0.1] * len(mine), [r["builtin"] for r in mine], label="builtin (in domain)" if i == 0
                    else None, color="C1")
     ax.axhline(0.93, color="k", linestyle=":", label="target 0.93")
-    ax.set_xticks(range(len(args.allocations)), args.allocations)
+    ax.set_xticks(range(len(names)), names)
     ax.set_ylabel("mean cosine to the original embeddings")
     ax.legend()
     fig.savefig(out / "minilm.png", dpi=120, bbox_inches="tight")
