@@ -18,7 +18,9 @@ class LayerReport:
     ``rank`` is None when the matrix stayed dense (a low-rank factorisation would not save parameters).
     ``truncation_loss`` = ‖(W − W')Xᵀ‖²_F over the calibration tokens X that reached the layer, and
     ``rel_error`` = ‖(W − W')Xᵀ‖_F / ‖W Xᵀ‖_F; both are computed from the R factor of X (‖·Xᵀ‖ = ‖·Rᵀ‖) and
-    are None when R was not collected (``CompressConfig.error_stats=False`` with a method that needs no R).
+    are None when R was not collected (``CompressConfig.error_stats=False`` with a method that needs no R). With
+    ``propagate="corrected"`` both measure the corrected objective instead: ‖W Yᵀ − W'X̃ᵀ‖ and its ratio to ‖W Yᵀ‖,
+    X̃ the layer's inputs on the compressed path and Y = αX + (1 − α)X̃ the target mix (``linalg.corrected``).
     ``mu`` is the μ actually used (the adaptive rule's μ_eff for COALA), None for methods without μ.
     """
 
