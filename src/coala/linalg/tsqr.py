@@ -161,16 +161,18 @@ class RFactor:
             self._R = self._R.contiguous().clone()
             self._R_shared = False
         if in_worker():  # a read from a parallel_map item (a solver thread): lanes would run one after the other
-            # here and then cost a merge (≈ n³ flops each), so lane 0 takes every row, block_rows at a time
-            for lo in range(0, fill, self.block_rows):
-                update_r_(self._R, self._buf[lo : min(fill, lo + self.block_rows)], self._workspace[0])
-            return
-        # a full buffer always goes to every lane; a partial one when each lane gets min(n, block_rows) rows (the
-        # former rule, n rows each, kept every n > block_rows, e.g. n = 4096 with 2048 rows, on one lane for good)
-        used = self.lanes if fill >= self.lanes * min(self.in_features, self.block_rows) else 1
-        step = -(-fill // used)
-        chunks = [(i, i * step, min(fill, (i + 1) * step)) for i in range(used)]
-        for i, _, _ in chunks[1:]:
+            # here (a nested parallel_map runs inline) and then cost a merge (≈ n³ flops each), so lane 0 takes
+            # every row, block_rows at a time
+            used = 1
+            chunks = [(0, lo, min(fill, lo + self.block_rows)) for lo in range(0, fill, self.block_rows)]
+        else:
+            # a full buffer always goes to every lane; a partial one when each lane gets min(n, block_rows) rows (the
+            # former rule, n rows each, kept every n > block_rows, e.g. n = 4096 with 2048 rows, on one lane for
+            # good)
+            used = self.lanes if fill >= self.lanes * min(self.in_features, self.block_rows) else 1
+            step = -(-fill // used)
+            chunks = [(i, i * step, min(fill, (i + 1) * step)) for i in range(used)]
+        for i in range(1, used):
             if self._lane_R[i - 1] is None:
                 self._lane_R[i - 1] = torch.zeros_like(self._R)
 
