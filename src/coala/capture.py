@@ -4,9 +4,10 @@ Layers fed by the very same input tensor (q/k/v; gate/up; BERT's query/key/value
 forward pass and share one ``ActivationStats``: their inputs are captured once. Padding rows are excluded
 through a (batch × seq) mask that the caller sets on ``capture.mask`` before each forward.
 
-With ``record`` the inputs of the last forward are kept instead (``recorded``, one tensor per group); a capture
-with ``correction`` α then pairs them with the next forward's inputs of the same tokens: its statistics are of the
-rows [x̃, x̃ + α(x − x̃)], twice as wide, for the error-correcting solve (``coala.linalg.corrected``).
+With ``correction`` α the statistics are of paired rows, twice as wide, for the error-correcting solve
+(``coala.linalg.corrected``): the caller runs each batch twice, first on the original model's stream with
+``recording`` set (each group's input x is kept, no statistics), then on the compressed stream, whose inputs x̃
+of the same tokens are paired with it as [x̃, x̃ + α(x − x̃)].
 
 With ``folds`` > 1 the rows are also kept in disjoint parts by calibration sample (the caller sets
 ``capture.row_folds``, the fold of every batch row, next to the mask): ``fold_parts()`` are the accumulators
@@ -58,7 +59,6 @@ class InputCapture:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         folds: int = 1,
-        record: bool = False,
         correction: float | None = None,
     ) -> None:
         if folds < 1:
@@ -72,10 +72,9 @@ class InputCapture:
         self.group_of: dict[str, str] = {}
         self._seen: dict[int, tuple[Tensor, str]] = {}
         self._handles: list = []
-        self.record = record  # keep each group's input of the last forward in ``recorded`` instead of statistics
-        self.recorded: dict[str, Tensor] = {}
-        self.correction = correction  # paired statistics: rows [x̃, lerp(x̃, targets[group], correction)]
-        self.targets: dict[str, Tensor] | None = None  # the groups' inputs on the original path, same tokens
+        self.correction = correction  # paired statistics: rows [x̃, lerp(x̃, x, correction)]
+        self.recording = False  # (with correction) this forward is the original stream's: keep its inputs x
+        self._originals: dict[str, Tensor] = {}  # group → x of the last recording forward
 
     def __enter__(self) -> InputCapture:
         self._handles.append(self.root.register_forward_pre_hook(lambda *_: self._seen.clear()))
@@ -100,8 +99,8 @@ class InputCapture:
             self._seen[id(x)] = (x, key)
             if key != name:  # joined a group earlier, but got a distinct tensor now: inputs differ
                 raise RuntimeError(f"layer {name} shared its input with {key} once but not now")
-            if self.record:
-                self.recorded[key] = x.detach()
+            if self.recording:
+                self._originals[key] = x.detach()
                 return
             if self.correction is not None:
                 x = self._paired(x.detach(), key)
@@ -123,11 +122,11 @@ class InputCapture:
 
     def _paired(self, x: Tensor, key: str) -> Tensor:
         """[x̃, x̃ + α(x − x̃)] (..., 2n): this forward's input x̃ next to the target mix with the original input x
-        of the same tokens (``targets``, recorded from the original block by a ``record`` capture)."""
-        target = (self.targets or {}).get(key)
-        if target is None or target.shape != x.shape:
-            raise RuntimeError(f"no original-path input of shape {tuple(x.shape)} recorded for {key}")
-        return torch.cat([x, torch.lerp(x, target.to(x), float(self.correction))], dim=-1)
+        of the same tokens (kept by the last ``recording`` forward, and dropped here: each is paired once)."""
+        original = self._originals.pop(key, None)
+        if original is None or original.shape != x.shape:
+            raise RuntimeError(f"no original-stream input of shape {tuple(x.shape)} recorded for {key}")
+        return torch.cat([x, torch.lerp(x, original.to(x), float(self.correction))], dim=-1)
 
     def _folds_for(self, x: Tensor, name: str) -> Tensor:
         """The fold of every row of x (its lead shape), from ``row_folds`` (one per sample of the batch)."""

@@ -169,14 +169,9 @@ class BlockWalker:
     def _statistics(self, i: int, kinds: set[str], dtype: torch.dtype, write: bool, folds: int = 1) -> InputCapture:
         """Statistics of the inputs of block i's targeted layers (one ActivationStats per distinct input), on the
         device; with ``write``, the batches' hidden states become the (unchanged) block's outputs."""
-        if self.correction is not None:
-            cap = InputCapture(self.blocks[i], self.layers[i], kinds, dtype=dtype, device=self.device, folds=folds,
-                               correction=self.correction)
-            self._run_paired(i, cap, write_original=i < len(self) - 1)
-        else:
-            with InputCapture(self.blocks[i], self.layers[i], kinds, dtype=dtype, device=self.device,
-                              folds=folds) as cap:
-                self._run(i, capture=cap, write=write, desc="calibrate")
+        with InputCapture(self.blocks[i], self.layers[i], kinds, dtype=dtype, device=self.device, folds=folds,
+                          correction=self.correction) as cap:
+            self._run(i, capture=cap, write=write, desc="calibrate")
         missing = [name for name in self.layers[i] if name not in cap.group_of]
         if missing:
             raise ValueError(f"layer {missing[0]} received no input during the calibration forward passes")
@@ -227,28 +222,6 @@ class BlockWalker:
                 inputs.close()
         self.inputs = self.originals = None
 
-    def _run_paired(self, i: int, capture: InputCapture, write_original: bool) -> None:
-        """Per batch: the original stream through block i (its inputs recorded; with ``write_original``, its outputs
-        become the next block's original inputs), then the compressed stream, whose inputs ``capture`` pairs with
-        the recorded ones. Block i is still unchanged, so both see the same weights."""
-        block, t0 = self.blocks[i], time.perf_counter()
-        recorder = InputCapture(block, self.layers[i], (), record=True)
-        bar = tqdm(range(len(self.inputs)), desc=f"calibrate {self.block_name(i)}", disable=not self.progress,
-                   leave=False)
-        first = 0
-        with torch.no_grad():
-            for b in bar:
-                with recorder:
-                    self._forward(i, self.originals, b, write=write_original)
-                capture.targets, capture.mask = recorder.recorded, self.inputs.masks[b]
-                if capture.folds > 1:
-                    capture.row_folds = sample_folds(self.batches[b], first, capture.folds)
-                first += self.inputs.sizes[b]
-                with capture:
-                    self._forward(i, self.inputs, b, write=False)
-                recorder.recorded, capture.targets = {}, None
-        self.times["forward"] += time.perf_counter() - t0
-
     def _forward(self, i: int, inputs: BlockInputs, b: int, write: bool) -> None:
         """Batch b of ``inputs`` through block i; with ``write``, its outputs replace the batch's hidden states."""
         args, kwargs = inputs.call(b, self.device)
@@ -263,7 +236,9 @@ class BlockWalker:
              inputs: BlockInputs | None = None) -> None:
         """Stream every batch of ``inputs`` (default: the compressed / only stream) through block i (already on the
         device); with ``write``, each batch's hidden states become the block's outputs (checked finite on real
-        tokens)."""
+        tokens). A ``capture`` with a ``correction`` (propagate="corrected") pairs each batch's inputs with the
+        original stream's: that batch runs first through the unchanged block from ``originals`` while the capture
+        records, and its outputs become block i+1's original inputs (except after the last block)."""
         inputs = inputs if inputs is not None else self.inputs
         t0 = time.perf_counter()
         bar = tqdm(range(len(inputs)), desc=f"{desc} {self.block_name(i)}", disable=not self.progress, leave=False)
@@ -275,6 +250,10 @@ class BlockWalker:
                     if capture.folds > 1:  # hashing every sample is only needed when the rows are kept in folds
                         capture.row_folds = sample_folds(self.batches[b], first, capture.folds)
                     first += inputs.sizes[b]
+                    if capture.correction is not None:
+                        capture.recording = True
+                        self._forward(i, self.originals, b, write=i < len(self) - 1)
+                        capture.recording = False
                 self._forward(i, inputs, b, write)
         self.times["forward"] += time.perf_counter() - t0
 
