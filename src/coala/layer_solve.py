@@ -20,8 +20,6 @@ from .allocate import LayerEvidence, largest_saving_rank
 from .capture import InputCapture
 from .compress_report import LayerReport
 from .config import CompressConfig
-from .linalg.checks import check_mu, check_weight
-from .linalg.corrected import CorrectedDecomposition
 from .linalg.decomposition import Decomposition
 from .linalg.methods import decompose
 from .linalg.parallel import parallel_map, worker_count
@@ -84,12 +82,8 @@ def is_paired(W: Tensor, stats: ActivationStats | None) -> bool:
 def decompose_weight(W: Tensor, stats: ActivationStats | None, config: CompressConfig, name: str) -> Decomposition:
     """One decomposition of W (out × in) with ``config``'s method and μ (the error-correcting COALA solve on paired
     statistics)."""
-    if is_paired(W, stats):
-        check_weight(W, name)
-        cdtype = torch.float64 if W.dtype == stats.dtype == torch.float64 else torch.float32
-        Wc = W.to(cdtype)
-        return CorrectedDecomposition(Wc, stats.r.R.to(Wc), mu=check_mu(config.mu, name), name=name)
-    return decompose(W, stats, method=config.method, mu=config.mu, adaptive_mu=config.adaptive_mu, name=name)
+    return decompose(W, stats, method=config.method, mu=config.mu, adaptive_mu=config.adaptive_mu, name=name,
+                     paired=is_paired(W, stats))
 
 
 def decompose_layer(module: nn.Module, stats: ActivationStats | None, config: CompressConfig, name: str,

@@ -52,7 +52,7 @@ class CorrectedDecomposition(Decomposition):
 
     def _factors(self, rank: int) -> tuple[Tensor, Tensor]:
         Ur = self.U[:, :rank].contiguous()
-        C = Ur.T @ (self.W @ self.S12.T)  # U_rᵀ T, (rank × in)
+        C = (Ur.T @ self.W) @ self.S12.T  # U_rᵀ T (rank × in), without forming T again
         # B R₁₁ᵀ = U_rᵀ T. Ill-conditioned R₁₁ (real activations: cond 1e5 and more) is fine: the triangular solve is
         # backward stable, so B R₁₁ᵀ, i.e. B's action on the inputs, is accurate. An exactly singular R₁₁ (fewer
         # rows than columns, or an input that is always zero in some direction) has no solution without μ.

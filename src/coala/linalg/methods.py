@@ -12,6 +12,7 @@ from torch import Tensor
 from ..errors import CoalaError, CoalaTypeError
 from .baselines import asvd_decomposition, svd_decomposition, svd_llm_decomposition, svd_llm_v2_decomposition
 from .checks import check_fits, check_float, check_mu, check_rank, check_weight, compute_dtype, flatten_rows
+from .corrected import CorrectedDecomposition
 from .decomposition import Decomposition
 from .solve import CoalaDecomposition
 from .stats import ActivationStats, stats_from_rows
@@ -63,10 +64,12 @@ def get_method(method: str) -> Method:
     return METHODS[method]
 
 
-def _context_stats(X: Context, W: Tensor, needs: frozenset[str], method: str, where: str | None) -> ActivationStats:
-    """Turn the context argument into statistics holding at least ``needs``, in W's compute dtype."""
-    n = W.shape[1]
+def _context_stats(X: Context, W: Tensor, needs: frozenset[str], method: str, where: str | None,
+                   n: int) -> ActivationStats:
+    """Turn the context argument (rows of width n: W's input width, or twice it for paired rows) into statistics
+    holding at least ``needs``, in W's compute dtype."""
     at = f" (layer {where})" if where else ""
+    cols = f"{W.shape[1]} input columns" + (f" ({n} paired)" if n != W.shape[1] else "")
     if isinstance(X, Tensor):
         check_float(X, "X", where)
         if X.ndim != 2 or X.shape[1] != n:
@@ -85,7 +88,7 @@ def _context_stats(X: Context, W: Tensor, needs: frozenset[str], method: str, wh
         return ActivationStats(n, (), name=where)
     if isinstance(X, RFactor):
         if X.in_features != n:
-            raise CoalaError(f"RFactor{at} has in_features={X.in_features}, but W has {n} input columns",
+            raise CoalaError(f"RFactor{at} has in_features={X.in_features}, but W has {cols}",
                              argument="X", layer=where)
         if needs and X.num_rows == 0:
             raise CoalaError(f"RFactor{at} has seen no rows: run calibration data through it first", argument="X",
@@ -97,7 +100,7 @@ def _context_stats(X: Context, W: Tensor, needs: frozenset[str], method: str, wh
         raise CoalaTypeError(f"X{at} must be a Tensor, an RFactor or ActivationStats, got {type(X).__name__}",
                              argument="X", layer=where)
     if X.in_features != n:
-        raise CoalaError(f"statistics{at} have in_features={X.in_features}, but W has {n} input columns",
+        raise CoalaError(f"statistics{at} have in_features={X.in_features}, but W has {cols}",
                          argument="X", layer=where)
     missing = needs - X.kinds
     if missing:
@@ -120,20 +123,29 @@ def decompose(
     mu: float = 0.0,
     adaptive_mu: bool = False,
     name: str | None = None,
+    paired: bool = False,
 ) -> Decomposition:
     """Decompose W (out × in) once; ``.factors(rank)`` then gives (A, B) for any rank, in the compute dtype.
 
-    Compute dtype: float64 when W and the context are float64, float32 otherwise.
+    ``paired``: X holds rows [x̃, y] of twice W's input width (x̃ the layer's inputs on the compressed path, y the
+    target mix with the original model's), for the error-correcting COALA solve (``corrected``; method "coala",
+    fixed μ). Compute dtype: float64 when W and the context are float64, float32 otherwise.
     """
     m = get_method(method)
     check_weight(W, name)
     mu = check_mu(mu, name)
     if (mu or adaptive_mu) and not m.uses_mu:
         raise CoalaError(f"mu / adaptive_mu apply to method 'coala' only, not {method!r}", argument="mu", layer=name)
+    if paired and (method != "coala" or adaptive_mu):
+        raise CoalaError(f"paired statistics are for the corrected COALA solve with a fixed mu, not method "
+                         f"{method!r} with adaptive_mu={adaptive_mu}", argument="method", layer=name)
     ctx_dtype = getattr(X, "dtype", W.dtype)  # a tensor's, an RFactor's or ActivationStats' accumulation dtype
     cdtype = torch.float64 if (W.dtype == torch.float64 and ctx_dtype == torch.float64) else torch.float32
     check_fits(W, cdtype, "W", name)
-    stats = _context_stats(X, W, m.needs, method, name)
+    stats = _context_stats(X, W, m.needs, method, name, W.shape[1] * (2 if paired else 1))
+    if paired:
+        Wc = W.to(cdtype)
+        return CorrectedDecomposition(Wc, stats.r.R.to(Wc), mu=mu, name=name)
     return m.build(W.to(cdtype), stats, mu, adaptive_mu, name)
 
 
