@@ -25,9 +25,14 @@ The loss: models with logits — the next-token NLL of each sample; encoders (no
 ⟨z_s, e_s⟩ with e_s the unit mean-pooled sentence embedding and z_s ~ N(0, I) a fixed random direction per
 sample, so that E_z[⟨∇ℓ_s, ΔW⟩²] = ‖Δe_s‖² to first order (Hutchinson's estimator; 1 − cos ≈ ½‖Δe‖²).
 
-Precision: the pass runs in the model's dtype; the products u_iᵀ g_t and u_iᵀ W x_t (W x_t = the layer's output less
-its bias) in float32 (float64 for a float64 model); the sums over tokens, the tails and the squares in float64.
-Weights get no gradients (parameters are frozen during the pass); only activation gradients are computed.
+Cost: per layer, one GEMM projects onto both folds' bases the outputs W x_t — or, where the layer widens (in < out:
+fewer flops), the inputs x_t against (Uᵀ W)ᵀ, x_t then being kept next to W x_t until the backward pass — and one
+projects the output gradients g_t; both run in the gradient hook. Finiteness is checked on sums (one read) and
+located only when a sum is not finite.
+
+Precision: the pass runs in the model's dtype; the projections, their per-token products and the per-token inner
+products g_tᵀ W x_t in float32 (float64 for a float64 model); the sums over tokens, the tails and the squares in
+float64. Weights get no gradients (parameters are frozen during the pass); only activation gradients are computed.
 """
 
 from __future__ import annotations
@@ -75,26 +80,29 @@ def sample_losses(out, batch: dict[str, Tensor], generator: torch.Generator) -> 
     with z_s drawn from ``generator`` (encoders, ``out.last_hidden_state``)."""
     mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
     logits = getattr(out, "logits", None)
-    if logits is not None:
-        labels = batch["input_ids"][:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
-        return nll.sum(1)
+    if logits is not None:  # position t predicts token t + 1; the last position predicts nothing (label -100)
+        labels = torch.full_like(batch["input_ids"], -100)
+        labels[:, :-1] = batch["input_ids"][:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
+        return nll.view(labels.shape).sum(1)  # (B·S, V) rows: a softmax over contiguous memory
     emb = F.normalize(mean_pool(out.last_hidden_state, mask).float(), dim=-1)
     z = torch.randn(emb.shape, generator=generator, dtype=torch.float32).to(emb.device)
     return (z * emb).sum(1)
 
 
-def _sample_tails(y: Tensor, g: Tensor, U: Tensor, total: Tensor) -> Tensor:
-    """t[s, r] = Σ_{i>r} a_{s,i} = ⟨Σ_t g_t x_tᵀ, W − U_r U_rᵀ W⟩ for r = 0..k, float64 (B × (k + 1)).
-
-    y: (B × S × out) the layer's outputs without the bias (W x_t), g: (B × S × out) their gradients, U: (out × k),
-    total: (B,) float64 Σ_t g_tᵀ y_t (= t[s, 0] when U spans the outputs). Products in y's dtype, sums in float64;
-    the part outside span(U) is total − Σ_i a_{s,i}.
-    """
-    a = ((y @ U).to(torch.float64) * (g @ U).to(torch.float64)).sum(1)  # (B, k): Σ_t (u_iᵀ W x_t)(u_iᵀ g_t)
+def _sample_tails(a: Tensor, total: Tensor) -> Tensor:
+    """t[s, r] = Σ_{i>r} a_{s,i} + (total_s − Σ_i a_{s,i}) = ⟨Σ_t g_t x_tᵀ, W − U_r U_rᵀ W⟩ for r = 0..k, float64
+    (B × (k + 1)). a: (B × k) float64, a_{s,i} = Σ_t (u_iᵀ W x_t)(u_iᵀ g_t); total: (B,) float64 Σ_t g_tᵀ W x_t (=
+    t[s, 0]); the part outside span(U) is total − Σ_i a_{s,i}."""
     tails = torch.zeros(a.shape[0], a.shape[1] + 1, dtype=torch.float64, device=a.device)
     tails[:, :-1] = a.flip(1).cumsum(1).flip(1)
     return tails + (total - a.sum(1))[:, None]
+
+
+def _finite(x: Tensor) -> bool:
+    """Whether every entry of x is finite: one sum, and the full check only when the sum is not (an overflowing sum
+    of finite entries)."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
 
 
 def _padded(tails: Tensor, k: int) -> Tensor:
@@ -129,28 +137,35 @@ def truncation_curves(model: nn.Module, layers: Mapping[str, nn.Module], bases: 
     handles = []
 
     def watch(name: str, module: nn.Module):
-        k = largest_saving_rank(*linear_shape(module))
+        out_features, in_features = linear_shape(module)
+        k = largest_saving_rank(out_features, in_features)
         bias = dense_bias(module)
         work = torch.float64 if dense_weight(module).dtype == torch.float64 else torch.float32
-        Us = [U.to(device=device, dtype=work) for U in bases[name]]
+        U = torch.cat([u.to(device=device, dtype=work) for u in bases[name]], 1)  # out × (k_0 + k_1): both folds
+        widths = [int(u.shape[1]) for u in bases[name]]
+        # u_iᵀ W x_t from the inputs where that is the smaller GEMM: (Uᵀ W)ᵀ is in × (k_0 + k_1)
+        UW = (dense_weight(module).detach().to(device, work).T @ U) if in_features < out_features else None
 
         def forward_hook(mod, inputs, output):
-            if not bool(torch.isfinite(output).all()):
+            if not _finite(output):
                 raise ValueError(f"layer {name}: non-finite outputs in the Fisher pass over the original model (its "
                                  "activations overflow on the calibration samples)")
             rows = int(folds.shape[0])  # (B, S, out), or (B·S, out) for models that flatten the tokens (OPT's MLP)
-            y = output.detach().to(work).reshape(rows, -1, output.shape[-1])
+            y = output.detach().to(work).reshape(rows, -1, out_features)
             y = y - bias.detach().to(work) if bias is not None else y  # W x_t
+            x = None if UW is None else inputs[0].detach().to(work).reshape(rows, -1, in_features)
 
             def add(grad: Tensor) -> None:  # returns None: the gradient flows on unchanged
                 g = grad.detach().to(work).reshape(y.shape)
-                if not bool(torch.isfinite(g).all()):
+                if not _finite(g):
                     raise ValueError(f"layer {name}: non-finite output gradients in the Fisher pass")
-                own = (folds.to(g.device)[:, None] == torch.arange(len(Us), device=g.device)).to(torch.float64)
-                weight = OWN_FOLD_WEIGHT * own + (1.0 - OWN_FOLD_WEIGHT) / max(len(Us) - 1, 1) * (1.0 - own)
-                total = (y.to(torch.float64) * g.to(torch.float64)).sum((1, 2))  # (B,): ⟨∇_W ℓ_s, W⟩
-                curve = sum((weight[:, f, None] * _padded(_sample_tails(y, g, U, total), k).square()).sum(0)
-                            for f, U in enumerate(Us))
+                own = (folds.to(g.device)[:, None] == torch.arange(len(widths), device=g.device)).to(torch.float64)
+                weight = OWN_FOLD_WEIGHT * own + (1.0 - OWN_FOLD_WEIGHT) / max(len(widths) - 1, 1) * (1.0 - own)
+                total = (y * g).sum(2).to(torch.float64).sum(1)  # (B,): ⟨∇_W ℓ_s, W⟩
+                P = y @ U if x is None else x @ UW  # (B, S, k_0 + k_1): u_iᵀ W x_t
+                a = (P * (g @ U)).to(torch.float64).sum(1).split(widths, 1)  # per fold (B, k_f): Σ_t products
+                curve = sum((weight[:, f, None] * _padded(_sample_tails(a_f, total), k).square()).sum(0)
+                            for f, a_f in enumerate(a))
                 sums[name] = curve.cpu() if name not in sums else sums[name] + curve.cpu()
 
             if output.requires_grad:

@@ -71,6 +71,22 @@ def test_truncation_curves_match_per_sample_gradients_in_float64(kind):
         assert float(got[name][0]) > 0 and float(got[name][-1]) >= 0
 
 
+def test_sample_losses_are_the_summed_next_token_nll_of_each_row():
+    """Per row: Σ over real next tokens of −log softmax(logits_t)[token_{t+1}] (padding counts nothing;
+    the last position predicts nothing)."""
+    model = build("llama").double()
+    batch = batches(n=1, batch=3, pad=True)[0]
+    with torch.no_grad():
+        out = model(**batch)
+        got = sample_losses(out, batch, torch.Generator())
+    logp = torch.log_softmax(out.logits, -1)
+    for row in range(3):
+        n = int(batch["attention_mask"][row].sum())
+        ids = batch["input_ids"][row]
+        want = -sum(float(logp[row, t, ids[t + 1]]) for t in range(n - 1))
+        assert float(got[row]) == pytest.approx(want, rel=1e-6)  # the losses are float32
+
+
 def test_tokens_add_inside_the_square():
     """A layer whose per-token errors point the same way for all tokens of a sample costs (Σ_t)², not Σ_t(·)²: the
     curves differ from the per-token sum on the same model, so the cross-token terms are really there."""
