@@ -33,7 +33,7 @@ from .linalg.decomposition import Decomposition
 from .linalg.parallel import parallel_map
 from .linalg.stats import ActivationStats
 from .lowrank import linear_shape, model_device
-from .models import origin_meta
+from .models import is_causal_lm, origin_meta
 from .planning import plan_from_decompositions, plan_in_pass
 from .preflight import check_model
 from .resume import INTERRUPT_ENV, SimulatedInterruption, fingerprint, offload_dir
@@ -65,8 +65,7 @@ def calibration_set(model: nn.Module, calibration, data: CalibrationConfig, toke
 
         mode = data.mode
         if mode == "auto":
-            can_generate = getattr(model, "can_generate", None)
-            mode = "windows" if callable(can_generate) and can_generate() else "sentences"
+            mode = "windows" if is_causal_lm(model) else "sentences"
         cfg = getattr(model, "config", None)
         max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
         cal = calibration_batches(calibration, tokenizer, nsamples=data.nsamples, seqlen=data.seqlen, seed=data.seed,
@@ -109,6 +108,7 @@ def compress(model: nn.Module, calibration="builtin", config: CompressConfig | N
     """
     config, data = _check(config, CompressConfig, "config"), _check(data, CalibrationConfig, "data")
     runtime, output = _check(runtime, RuntimeConfig, "runtime"), _check(output, OutputConfig, "output")
+    config = config.for_model(is_causal_lm(model))  # propagate="auto": corrected on causal LMs for coala
     t_start = time.perf_counter()
     ensure_joined(runtime.device or model_device(model))  # started by torchrun: join its process group
     check_model(model, config.targets)

@@ -20,7 +20,7 @@ import argparse
 import math
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 
 import torch
 
@@ -125,7 +125,8 @@ class CompressConfig:
     allocation for svd-llm-v2, uniform otherwise). ``propagate``: the next block is calibrated on the outputs of
     the compressed block ("compressed", sequential) or of the original one ("original", SVD-LLM's and ASVD's
     profiling); "auto" is the method's own (``Method.propagate``: original for the published profiling of asvd,
-    svd-llm and svd-llm-v2, compressed for coala and svd). "corrected" (coala only) is compressed propagation whose
+    svd-llm and svd-llm-v2, compressed for svd, and for coala compressed on encoders and corrected on causal LMs
+    (``for_model``; corrected needs a fixed μ)). "corrected" (coala only) is compressed propagation whose
     layers are fitted to W(αX + (1 − α)X̃)ᵀ, α = ``correction``: part of the original model's output, so that each
     block also corrects the error of the blocks before it (``linalg.corrected``, docs/design.md §4).
     """
@@ -141,11 +142,12 @@ class CompressConfig:
                                      parse=_rank)
     propagate: str = option(
         "auto", "next block's inputs: outputs of the compressed block or of the original; auto: the method's own "
-        "(original for asvd, svd-llm, svd-llm-v2 as published; compressed for coala, svd); corrected (coala): "
-        "compressed, each layer fitted partly to the original model's output (--correction)",
+        "(original for asvd, svd-llm, svd-llm-v2 as published; compressed for svd, and for coala on encoders; "
+        "corrected for coala on causal LMs); corrected (coala, fixed mu): compressed, each layer fitted partly to "
+        "the original model's output (--correction)",
         choices=lambda: ["auto", *PROPAGATIONS])
     correction: float = option(
-        0.25, "with --propagate corrected (coala only): weight alpha of the ORIGINAL model's inputs X in each layer's "
+        0.25, "with corrected propagation (coala only): weight alpha of the ORIGINAL model's inputs X in each layer's "
         "target W(alpha X + (1 - alpha) X~)^T, X~ the compressed path's (docs/design.md §4; costs a second stream "
         "of hidden states and statistics of twice the width)", parse=float)
     allocation: str = option(
@@ -215,8 +217,20 @@ class CompressConfig:
 
     @property
     def resolved_propagate(self) -> str:
-        """The propagation that runs: the method's own (``Method.propagate``) for "auto"."""
+        """The propagation that runs on a model that is not a causal LM: the method's own (``Method.propagate``)
+        for "auto". ``for_model`` resolves "auto" for a given model."""
         return get_method(self.method).propagate if self.propagate == "auto" else self.propagate
+
+    def for_model(self, causal_lm: bool) -> CompressConfig:
+        """This configuration with propagate="auto" resolved for a model: on a causal LM the method's
+        ``Method.propagate_lm`` where it has one (coala: "corrected", which needs a fixed μ), else
+        ``resolved_propagate``. Other settings are returned unchanged."""
+        if self.propagate != "auto":
+            return self
+        chosen = get_method(self.method).propagate_lm if causal_lm else None
+        if chosen is None or (chosen == "corrected" and self.adaptive_mu):
+            chosen = self.resolved_propagate
+        return replace(self, propagate=chosen)
 
     @property
     def accumulation_dtype(self) -> torch.dtype:

@@ -29,6 +29,7 @@ __all__ = [
     "LoadedModel",
     "check_tokenizer_files",
     "default_model_path",
+    "is_causal_lm",
     "load_model",
     "origin_meta",
     "parse_dtype",
@@ -92,6 +93,13 @@ class LoadedModel:
 
     def __iter__(self):
         return iter((self.model, self.tokenizer, self.source))
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` is a generative language model (transformers' ``can_generate()``: LlamaForCausalLM,
+    GPT2LMHeadModel, …; not BertModel or BertForMaskedLM)."""
+    can_generate = getattr(model, "can_generate", None)
+    return bool(callable(can_generate) and can_generate())
 
 
 def _looks_like_path(name: str) -> bool:

@@ -31,6 +31,7 @@ class Method:
     uses_mu: bool = False
     allocation: str = "uniform"  # the rank allocation "auto" resolves to (a name of coala.allocate.ALLOCATIONS)
     propagate: str = "compressed"  # what propagate="auto" resolves to: the published profiling (docs/design.md §5)
+    propagate_lm: str | None = None  # what "auto" resolves to on a causal LM (None: ``propagate``; docs/design.md §4)
 
 
 def _coala(W, stats, mu, adaptive_mu, name):
@@ -38,7 +39,7 @@ def _coala(W, stats, mu, adaptive_mu, name):
 
 
 METHODS: dict[str, Method] = {
-    "coala": Method("coala", frozenset({"r"}), _coala, uses_mu=True, allocation="fisher"),
+    "coala": Method("coala", frozenset({"r"}), _coala, uses_mu=True, allocation="fisher", propagate_lm="corrected"),
     "svd": Method("svd", frozenset(), lambda W, stats, mu, adaptive_mu, name: svd_decomposition(W)),
     "asvd": Method(
         "asvd", frozenset({"absmean"}),
