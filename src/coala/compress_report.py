@@ -125,7 +125,9 @@ class CompressionReport:
             f"{t['dense_layers']} dense)",
             f"whole model:     {t['model_params_before']:,} -> {t['model_params_after']:,} parameters "
             f"({100 * t['model_removed_fraction']:.2f}% removed)",
-            f"ranks: {self.allocation} allocation; next block calibrated on the {self.propagate} block's outputs",
+            f"ranks: {self.allocation} allocation; next block calibrated on the {self.propagate} block's outputs"
+            if self.propagate != "corrected" else f"ranks: {self.allocation} allocation; next block calibrated on the "
+            "compressed block's outputs, each layer fitted partly to the original model's (propagate: corrected)",
         ]
         errs = [r.rel_error for r in self.layers if r.rel_error is not None]
         if errs:

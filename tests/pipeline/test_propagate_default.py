@@ -47,6 +47,7 @@ def test_coala_corrects_on_causal_lms_and_not_on_encoders_by_default(kind, expec
     assert [r.rel_error for r in auto.layers] == [r.rel_error for r in explicit.layers]
     meta = json.loads((tmp_path / "out" / "coala.json").read_text())
     assert meta["propagate"] == expected and ("correction" in meta) == (expected == "corrected")
+    assert ("fitted partly to the original model's (propagate: corrected)" in auto.table()) == (expected == "corrected")
 
 
 def test_unknown_propagation_is_refused():
