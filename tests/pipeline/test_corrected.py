@@ -64,3 +64,25 @@ def test_rank_deficient_inputs_need_mu(ref):
     assert "blk.0.q_proj" in str(e.value)
     A, B = CorrectedDecomposition(W, R, mu=1e-3).factors(2)  # μ > 0 makes it well posed
     assert A.shape == (6, 2) and B.shape == (2, 8) and bool(torch.isfinite(B).all())
+
+
+def test_decompose_solves_layers_with_too_few_paired_rows_on_the_compressed_inputs_alone(ref):
+    """Fewer than MIN_ROWS_PER_COLUMN · n paired rows: the refit of B would fit the calibration tokens (or, below n
+    rows, divide by a singular R₁₁), so ``decompose`` runs plain COALA on X̃; from that many rows on, the corrected
+    solve."""
+    from coala.linalg.corrected import MIN_ROWS_PER_COLUMN
+    from coala.linalg.methods import decompose
+    from coala.linalg.solve import CoalaDecomposition
+
+    n = 8
+    W = ref.randn(6, n, seed=72)
+    for rows, corrected in ((5, False), (MIN_ROWS_PER_COLUMN * n - 1, False), (MIN_ROWS_PER_COLUMN * n, True)):
+        Xt, X = ref.randn(rows, n, seed=73), ref.randn(rows, n, seed=74)
+        paired = torch.cat([Xt, 0.75 * Xt + 0.25 * X], 1)
+        got = decompose(W, paired, paired=True)
+        assert isinstance(got, CorrectedDecomposition) == corrected
+        want = (CorrectedDecomposition(W, ref.r_factor(paired)) if corrected
+                else CoalaDecomposition(W, ref.r_factor(Xt)))
+        for r in (2, 5):
+            torch.testing.assert_close(got.factors(r)[0] @ got.factors(r)[1], want.factors(r)[0] @ want.factors(r)[1],
+                                       rtol=1e-9, atol=1e-10)

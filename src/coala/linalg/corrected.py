@@ -11,6 +11,10 @@ X̃ = Q₁R₁₁ and Y = Q₁S₁₂ + Q₂S₂₂, and the objective is ‖W S
 the optimum is A = U_r, B R₁₁ᵀ = U_rᵀ T: one SVD and one triangular solve with R₁₁ (never a Gram matrix, never
 an inverse). μ > 0 stacks [√μ I, √μ I] under the paired rows, which keeps R₁₁ invertible. For X̃ = Y it is §1.
 All arithmetic runs in the dtype of W and R (float32/64).
+
+The refit of B is a least-squares fit on the calibration tokens: with fewer than 2n paired rows it overfits them
+(with fewer than n, R₁₁ is singular), so ``linalg.decompose`` solves such layers on X̃ alone — plain COALA with R₁₁,
+the R factor of X̃ (``MIN_ROWS_PER_COLUMN``; docs/design.md §4).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from ..errors import CoalaError
 from .decomposition import Decomposition, known_directions
 from .qr_update import r_of_stacked
 from .solve import left_singular
+
+MIN_ROWS_PER_COLUMN = 2  # the corrected solve needs at least this many calibration rows per input column
 
 
 class CorrectedDecomposition(Decomposition):

@@ -12,7 +12,7 @@ from torch import Tensor
 from ..errors import CoalaError, CoalaTypeError
 from .baselines import asvd_decomposition, svd_decomposition, svd_llm_decomposition, svd_llm_v2_decomposition
 from .checks import check_fits, check_float, check_mu, check_rank, check_weight, compute_dtype, flatten_rows
-from .corrected import CorrectedDecomposition
+from .corrected import MIN_ROWS_PER_COLUMN, CorrectedDecomposition
 from .decomposition import Decomposition
 from .solve import CoalaDecomposition
 from .stats import ActivationStats, stats_from_rows
@@ -145,8 +145,11 @@ def decompose(
     check_fits(W, cdtype, "W", name)
     stats = _context_stats(X, W, m.needs, method, name, W.shape[1] * (2 if paired else 1))
     if paired:
-        Wc = W.to(cdtype)
-        return CorrectedDecomposition(Wc, stats.r.R.to(Wc), mu=mu, name=name)
+        Wc, n = W.to(cdtype), W.shape[1]
+        R = stats.r.R.to(Wc)
+        if stats.r.num_rows < MIN_ROWS_PER_COLUMN * n:  # too few tokens to refit B: COALA on X̃ (R₁₁ is its R)
+            return CoalaDecomposition(Wc, R[:n, :n].contiguous(), mu=mu, name=name)
+        return CorrectedDecomposition(Wc, R, mu=mu, name=name)
     return m.build(W.to(cdtype), stats, mu, adaptive_mu, name)
 
 
