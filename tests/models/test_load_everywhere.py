@@ -153,7 +153,9 @@ def test_text_generation_pipeline_generates_what_coala_load_generates(matrix, ki
 def test_dense_export_loads_without_trust_remote_code(matrix, kind):
     got = _result(matrix, f"{kind}-dense", "plain")
     assert got["class"] == type(build(kind)).__name__ and got["auto_map"] is None
-    torch.testing.assert_close(matrix["outputs"][f"{kind}-dense/plain"], matrix["refs"][kind], rtol=1e-5, atol=1e-5)
+    # W' = A @ B multiplied out rounds differently from A (B x): ~eps·‖A‖‖B‖‖x‖ per layer, and the corrected solve (the
+    # default on causal LMs) can have larger factors than plain COALA (B refitted through R₁₁)
+    torch.testing.assert_close(matrix["outputs"][f"{kind}-dense/plain"], matrix["refs"][kind], rtol=1e-5, atol=1e-4)
     config = json.loads((matrix["root"] / f"{kind}-dense" / "config.json").read_text())
     assert config["model_type"] == kind and not (matrix["root"] / f"{kind}-dense" / "modeling_coala.py").exists()
     if kind == "gpt2":
