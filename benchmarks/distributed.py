@@ -107,7 +107,7 @@ def child(args: argparse.Namespace) -> None:
     distributed.ON_CHECK_IN.append(lambda what: marks.append(time.process_time()))
     reset_peak_rss()
     cpu0, t0 = time.process_time(), time.perf_counter()
-    report = compress(model, calibration, CompressConfig(ratio=0.2),
+    report = compress(model, calibration, CompressConfig(ratio=0.2, propagate="compressed"),
                       data=CalibrationConfig(nsamples=args.nsamples, seqlen=args.seqlen),
                       runtime=RuntimeConfig(progress=False), tokenizer=tokenizer)
     wall, cpu1 = time.perf_counter() - t0, time.process_time()
