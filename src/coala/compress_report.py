@@ -118,6 +118,9 @@ class CompressionReport:
                 f"{num(r.truncation_loss, '11.4g'):>11} {num(r.rel_error, '8.4f'):>8}"
             )
         t = self.totals()
+        corrected = self.propagate == "corrected"  # compressed propagation with a partly corrected fit
+        stream = "compressed" if corrected else self.propagate
+        fit = ", each layer fitted partly to the original model's (propagate: corrected)" if corrected else ""
         lines += [
             "-" * len(head),
             f"targeted layers: {t['targeted_params_before']:,} -> {t['targeted_params_after']:,} parameters "
@@ -125,9 +128,7 @@ class CompressionReport:
             f"{t['dense_layers']} dense)",
             f"whole model:     {t['model_params_before']:,} -> {t['model_params_after']:,} parameters "
             f"({100 * t['model_removed_fraction']:.2f}% removed)",
-            f"ranks: {self.allocation} allocation; next block calibrated on the {self.propagate} block's outputs"
-            if self.propagate != "corrected" else f"ranks: {self.allocation} allocation; next block calibrated on the "
-            "compressed block's outputs, each layer fitted partly to the original model's (propagate: corrected)",
+            f"ranks: {self.allocation} allocation; next block calibrated on the {stream} block's outputs{fit}",
         ]
         errs = [r.rel_error for r in self.layers if r.rel_error is not None]
         if errs:
