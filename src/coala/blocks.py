@@ -183,6 +183,17 @@ class BlockInputs:
             return args, {**kwargs, "hidden_states": h}
         return (h, *args), kwargs
 
+    def copy(self, offload_dir: str | os.PathLike | None = None) -> BlockInputs:
+        """A second stream of the same batches: the same per-batch arguments (shared, never written) and a copy of
+        the current hidden states, in memory or offloaded to ``offload_dir``."""
+        twin = BlockInputs(offload_dir)
+        twin.args, twin.kwargs, twin.masks = list(self.args), list(self.kwargs), list(self.masks)
+        twin.sizes, twin.as_keyword = list(self.sizes), list(self.as_keyword)
+        twin._hidden = [None] * len(self)
+        for b in range(len(self)):
+            twin.set_hidden(b, self.hidden(b))
+        return twin
+
     def close(self) -> None:
         """Delete the offloaded files (the folder too when nothing else is in it)."""
         if self.offload_dir is None or not self.offload_dir.is_dir():

@@ -114,7 +114,7 @@ class BlockWalker:
         restore: Callable[[dict[str, Tensor], dict], Any] | None = None,
         desc: str = "blocks",
         folds: int = 1,
-        correction: float = 0.25,
+        correction: float | None = None,
     ) -> list[Any]:
         """Run the loop of the module docstring over every block; returns what ``solve`` (or ``restore``, for the
         first ``done`` blocks read back from ``checkpoint``) returned for each block.
@@ -129,6 +129,8 @@ class BlockWalker:
         """
         if propagate not in ("original", "compressed", "corrected"):
             raise ValueError(f"propagate must be 'original', 'compressed' or 'corrected', got {propagate!r}")
+        if propagate == "corrected" and correction is None:
+            raise ValueError("propagate='corrected' needs the correction α (CompressConfig.correction)")
         self.correction = correction if propagate == "corrected" else None
         if done and (checkpoint is None or restore is None):
             raise ValueError("resuming (done > 0) needs the checkpoint and a restore callback")
@@ -211,8 +213,7 @@ class BlockWalker:
                                          offload_dir=self.offload_dir)
         if second:
             where = os.path.join(self.offload_dir, "original") if self.offload_dir is not None else None
-            self.originals = catch_block_inputs(self.model, self.blocks[0], self.batches, progress=self.progress,
-                                                offload_dir=where)
+            self.originals = self.inputs.copy(where)  # the two streams start equal
         self.times["forward"] += time.perf_counter() - t0
 
     def close(self) -> None:

@@ -45,6 +45,23 @@ def test_compress_matches_the_float64_reference(correction):
         assert (gap > 1e-3) == differs, (name, gap)
 
 
+def test_offloaded_streams_give_the_in_memory_result(tmp_path, monkeypatch):
+    """Both streams on disk (the original one a copy of block 0's caught inputs, in a folder inside the other's):
+    the same layers as with the hidden states in memory, and no file left behind."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    model = build("llama", layers=3, init=0.3)
+    data = batches(n=3, batch=4, seq=16)
+    common = dict(rank=6, propagate="corrected", stats_dtype="float64")
+    report = compress(memory := copy.deepcopy(model), data, **settings(**common))
+    compress(disk := copy.deepcopy(model), data, **settings(**common, offload_hidden=True))
+    for name in (r.name for r in report.layers):
+        assert torch.equal(dense_weight(memory.get_submodule(name)), dense_weight(disk.get_submodule(name))), name
+    assert not list(tmp_path.rglob("*.safetensors"))
+
+
 def test_settings_errors_name_the_argument():
     with pytest.raises(CoalaError, match="correction must be in") as e:
         CompressConfig(propagate="corrected", correction=0.0)
