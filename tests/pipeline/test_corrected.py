@@ -103,3 +103,26 @@ def test_decompose_solves_layers_with_too_few_paired_rows_on_the_compressed_inpu
         for r in (2, 5):
             torch.testing.assert_close(got.factors(r)[0] @ got.factors(r)[1], want.factors(r)[0] @ want.factors(r)[1],
                                        rtol=1e-9, atol=1e-10)
+
+
+def test_an_input_that_never_varies_in_some_direction_is_solved_on_the_compressed_inputs(ref):
+    """Many rows, but one input column always zero (a zero weight in the norm before the layer): R₁₁ is singular and
+    B undefined there, so without μ ``decompose`` runs plain COALA on X̃; with μ > 0 the corrected solve stands."""
+    from coala.linalg.corrected import zero_pivot
+    from coala.linalg.methods import decompose
+    from coala.linalg.solve import CoalaDecomposition
+
+    n = 8
+    W = ref.randn(6, n, seed=75)
+    Xt, X = ref.randn(64, n, seed=76), ref.randn(64, n, seed=77)
+    Xt[:, 3] = 0.0
+    paired = torch.cat([Xt, 0.75 * Xt + 0.25 * X], 1)
+    assert zero_pivot(ref.r_factor(Xt)) and not zero_pivot(ref.r_factor(X))
+    got = decompose(W, paired, paired=True)
+    assert isinstance(got, CoalaDecomposition)
+    want = CoalaDecomposition(W, ref.r_factor(Xt))
+    torch.testing.assert_close(got.factors(4)[0] @ got.factors(4)[1], want.factors(4)[0] @ want.factors(4)[1],
+                               rtol=1e-9, atol=1e-10)
+    A, B = decompose(W, paired, paired=True, mu=0.1).factors(4)
+    assert bool(torch.isfinite(A @ B).all())
+    assert isinstance(decompose(W, paired, paired=True, mu=0.1), CorrectedDecomposition)

@@ -14,7 +14,9 @@ All arithmetic runs in the dtype of W and R (float32/64).
 
 The refit of B is a least-squares fit on the calibration tokens: with fewer than 2n paired rows it overfits them
 (with fewer than n, R₁₁ is singular), so ``linalg.decompose`` solves such layers on X̃ alone — plain COALA with R₁₁,
-the R factor of X̃ (``MIN_ROWS_PER_COLUMN``; docs/design.md §4).
+the R factor of X̃ (``MIN_ROWS_PER_COLUMN``; docs/design.md §4). So it does, without μ, when R₁₁ is exactly
+singular however many rows there are (``zero_pivot``: an input that is always zero, e.g. behind a zero weight of
+the norm before it): B is then undefined in that direction.
 """
 
 from __future__ import annotations
@@ -28,6 +30,13 @@ from .qr_update import r_of_stacked
 from .solve import left_singular
 
 MIN_ROWS_PER_COLUMN = 2  # the corrected solve needs at least this many calibration rows per input column
+
+
+def zero_pivot(R: Tensor) -> bool:
+    """Whether the upper-triangular R has a zero on its diagonal: an input direction that never varies (e.g. an input
+    that is always exactly zero), where a triangular solve with R divides by zero. Merely ill-conditioned factors
+    (real activations: cond 1e5 and more) are not flagged: the backward-stable solve handles them."""
+    return bool((R.diagonal() == 0).any())
 
 
 class CorrectedDecomposition(Decomposition):

@@ -12,7 +12,7 @@ from torch import Tensor
 from ..errors import CoalaError, CoalaTypeError
 from .baselines import asvd_decomposition, svd_decomposition, svd_llm_decomposition, svd_llm_v2_decomposition
 from .checks import check_fits, check_float, check_mu, check_rank, check_weight, compute_dtype, flatten_rows
-from .corrected import MIN_ROWS_PER_COLUMN, CorrectedDecomposition
+from .corrected import MIN_ROWS_PER_COLUMN, CorrectedDecomposition, zero_pivot
 from .decomposition import Decomposition
 from .solve import CoalaDecomposition
 from .stats import ActivationStats, stats_from_rows
@@ -147,7 +147,8 @@ def decompose(
     if paired:
         Wc, n = W.to(cdtype), W.shape[1]
         R = stats.r.R.to(Wc)
-        if stats.r.num_rows < MIN_ROWS_PER_COLUMN * n:  # too few tokens to refit B: COALA on X̃ (R₁₁ is its R)
+        # too few tokens to refit B, or (μ = 0) inputs that never vary in some direction: COALA on X̃ (R₁₁ is its R)
+        if stats.r.num_rows < MIN_ROWS_PER_COLUMN * n or (mu == 0 and zero_pivot(R[:n, :n])):
             return CoalaDecomposition(Wc, R[:n, :n].contiguous(), mu=mu, name=name)
         return CorrectedDecomposition(Wc, R, mu=mu, name=name)
     return m.build(W.to(cdtype), stats, mu, adaptive_mu, name)
