@@ -2,9 +2,10 @@
 under the same parameter budget, perplexity out of domain and in domain (issue 10's targets).
 
 For each ratio:
-- ``coala compress smollm2 --nsamples 32 --seqlen 256`` with its defaults (COALA, Fisher allocation, compressed
-  propagation): total run time, the allocation's extra cost next to the calibration pass, and perplexity; with
-  ``--propagations auto,corrected`` also ``--propagate corrected --correction α`` (the error-correcting solve);
+- ``coala compress smollm2 --nsamples 32 --seqlen 256`` with its defaults (COALA, Fisher allocation on the first
+  half of each sample, corrected propagation): total run time, the allocation's extra cost next to the calibration
+  pass, and perplexity; with ``--propagations auto,compressed`` also ``--propagate compressed`` (or ``corrected``
+  with another ``--correction α``);
 - ``coala compare`` (one calibration pass on the original model) for svd-llm, svd-llm-v2, asvd, svd and coala, each
   with its own default allocation ("auto"; coala's Fisher allocation there runs with original propagation).
 Perplexity: ``english`` — the built-in evaluation text, written separately from every calibration source (out of
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                         "4096 --threads 2 is `coala compare smollm2 ... --eval-tokens 4096`)")
     p.add_argument("--propagations", default="auto",
                    help="comma-separated propagations of the compress part, each run at every ratio: auto (coala's "
-                        "default), corrected (the error-correcting solve, --correction)")
+                        "default: corrected on this causal LM), compressed, corrected (with --correction)")
     p.add_argument("--correction", type=float, default=0.25, help="alpha of --propagations corrected (default 0.25)")
     p.add_argument("--out", default=None, help="folder for smollm2.md and smollm2.png")
     args = p.parse_args(argv)

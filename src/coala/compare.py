@@ -24,13 +24,13 @@ from .allocate import achieved, allocation_names, get_allocation
 from .compress import calibration_set, collect_statistics, decompose_layers
 from .config import CalibrationConfig, CompressConfig, RuntimeConfig, csv_floats, csv_names, option
 from .distributed import balance, gather_json, is_main, rank, world_size
-from .fisher import truncation_curves
+from .fisher import fisher_batches, truncation_curves
 from .layer_solve import fold_bases_of, solve_layers
 from .linalg.dtypes import ACCUMULATION_DTYPES
 from .linalg.methods import get_method
+from .models import is_causal_lm
 from .planning import plan_from_decompositions
 from .plotting import PLOT_EXTRA_HINT, machine, new_figure
-from .sensitivity import first_samples
 
 # Which way is better for each metric kind (for the bold "best" cells).
 HIGHER_IS_BETTER = {"ppl": False, "cos_mean": True, "cos_p05": True, "task": True, "weighted_err": False}
@@ -224,7 +224,9 @@ def compare(model: nn.Module, tokenizer, config: CompareConfig | None = None, *,
         if "fisher" in get_allocation(first.resolved_allocation).needs:  # one pass per method, for every ratio
             t = time.perf_counter()
             fisher = truncation_curves(model, layers, fold_bases_of(layers, stats, first),
-                                       first_samples(batches, base.fisher_samples), progress=runtime.progress)
+                                       fisher_batches(batches, base.fisher_samples,
+                                                      base.fisher_seqlen_for(is_causal_lm(model))),
+                                       progress=runtime.progress)
             times["allocation_s"] += time.perf_counter() - t
         for ratio in config.ratios:
             t = time.perf_counter()

@@ -172,13 +172,15 @@ def compress(model: nn.Module, calibration="builtin", config: CompressConfig | N
     return report
 
 
-def allocation_meta(config: CompressConfig) -> dict:
+def allocation_meta(config: CompressConfig, causal_lm: bool) -> dict:
     """How the ranks were chosen, as ``coala.json`` records it."""
     out: dict = {"kind": config.resolved_allocation}
     if out["kind"] == "sensitivity":
         out.update(samples=config.sensitivity_samples, probe_ratios=list(config.probe_ratios))
     if out["kind"] == "fisher":
-        out.update(samples=config.fisher_samples, bases="2 folds, ¼ own + ¾ other")
+        seqlen = config.fisher_seqlen_for(causal_lm)
+        out.update(samples=config.fisher_samples, seqlen="first half" if seqlen is None else seqlen,
+                   bases="2 folds, ¼ own + ¾ other")
     return out
 
 
@@ -189,7 +191,7 @@ def _save(model: nn.Module, config: CompressConfig, description: dict, report: C
     meta = {"method": config.method, "ratio": config.ratio, "rank_override": config.rank, "mu": config.mu,
             "adaptive_mu": config.adaptive_mu, "propagate": config.resolved_propagate,
             **({"correction": float(config.correction)} if config.resolved_propagate == "corrected" else {}),
-            "allocation": allocation_meta(config),
+            "allocation": allocation_meta(config, is_causal_lm(model)),
             "targets": config.targets, "stats_dtype": config.stats_dtype, "calibration": description,
             "totals": report.totals(), **origin_meta(model)}
     save_compressed(model, output.out_dir, meta=json.loads(json.dumps(meta)), tokenizer=tokenizer,

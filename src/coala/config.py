@@ -159,6 +159,10 @@ class CompressConfig:
         choices=lambda: ["auto", *allocation_names()])
     sensitivity_samples: int = option(64, "calibration samples the sensitivity probes run", parse=int)
     fisher_samples: int = option(32, "calibration samples the Fisher allocation's backward pass runs", parse=int)
+    fisher_seqlen: int | None = option(
+        None, "tokens of each of those samples the Fisher pass runs: the first N (0: the whole sample; default: the "
+        "first half on causal LMs, whose next-token losses there do not depend on later tokens; whole samples on "
+        "encoders, whose sentence embedding does)", parse=int)
     probe_ratios: tuple[float, ...] = option(PROBE_RATIOS, "ratios at which the sensitivity probes truncate",
                                               parse=csv_floats)
     stats_dtype: str = option("float32", "accumulation dtype of the statistics", choices=lambda: ACCUMULATION_DTYPES)
@@ -191,6 +195,10 @@ class CompressConfig:
                              argument="allocation")
         _positive_int(self.sensitivity_samples, "sensitivity_samples")
         _positive_int(self.fisher_samples, "fisher_samples")
+        seqlen = self.fisher_seqlen
+        if seqlen is not None and (isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 0):
+            raise CoalaError(f"fisher_seqlen must be an int >= 0 (0: whole samples) or None (the model's default), "
+                             f"got {seqlen!r}", argument="fisher_seqlen")
         probes = tuple(self.probe_ratios) if not isinstance(self.probe_ratios, str) else ()
         if not probes or not all(_is_number(p) and 0.0 < p < 1.0 for p in probes):
             raise CoalaError(f"probe_ratios must be numbers in (0, 1), got {self.probe_ratios!r}",
@@ -221,10 +229,19 @@ class CompressConfig:
         for "auto". ``for_model`` resolves "auto" for a given model."""
         return get_method(self.method).propagate if self.propagate == "auto" else self.propagate
 
+    def fisher_seqlen_for(self, causal_lm: bool) -> int | None:
+        """The Fisher pass's positions per sample, as ``coala.fisher.fisher_batches`` takes them: ``fisher_seqlen``
+        when set (0: whole samples); unset, None (the first half of each sample) on a causal LM and 0 on an encoder
+        (docs/design.md §6)."""
+        if self.fisher_seqlen is not None:
+            return self.fisher_seqlen
+        return None if causal_lm else 0
+
     def for_model(self, causal_lm: bool) -> CompressConfig:
         """This configuration with propagate="auto" resolved for a model: on a causal LM the method's
         ``Method.propagate_lm`` where it has one (coala: "corrected", which needs a fixed μ), else
-        ``resolved_propagate``. Other settings are returned unchanged."""
+        ``resolved_propagate``. Other settings are returned unchanged (``fisher_seqlen_for`` resolves the other
+        model-dependent default)."""
         if self.propagate != "auto":
             return self
         chosen = get_method(self.method).propagate_lm if causal_lm else None

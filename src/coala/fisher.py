@@ -25,7 +25,9 @@ The loss: models with logits — the next-token NLL of each sample; encoders (no
 ⟨z_s, e_s⟩ with e_s the unit mean-pooled sentence embedding and z_s ~ N(0, I) a fixed random direction per
 sample, so that E_z[⟨∇ℓ_s, ΔW⟩²] = ‖Δe_s‖² to first order (Hutchinson's estimator; 1 − cos ≈ ½‖Δe‖²).
 
-Cost: per layer, one GEMM projects onto both folds' bases the outputs W x_t — or, where the layer widens (in < out:
+Cost: the pass runs the first ``fisher_samples`` calibration samples, on a causal LM only the first half of each
+by default (``fisher_batches``; docs/design.md §6 says why that costs no quality there, and not on encoders).
+Per layer, one GEMM projects onto both folds' bases the outputs W x_t — or, where the layer widens (in < out:
 fewer flops), the inputs x_t against (Uᵀ W)ᵀ, x_t then being kept next to W x_t until the backward pass — and one
 projects the output gradients g_t; both run in the gradient hook. Finiteness is checked on sums (one read) and
 located only when a sum is not finite.
@@ -47,11 +49,12 @@ from tqdm.auto import tqdm
 
 from .allocate import LayerEvidence, RankOptions, lagrangian_ranks, largest_saving_rank, register_allocation
 from .blocks import no_kv_cache
+from .errors import CoalaError
 from .evaluate import mean_pool
 from .lowrank import dense_bias, dense_weight, linear_shape, model_device
 from .walker import sample_folds
 
-__all__ = ["OWN_FOLD_WEIGHT", "fisher_allocation", "truncation_curves"]
+__all__ = ["OWN_FOLD_WEIGHT", "fisher_allocation", "fisher_batches", "truncation_curves"]
 
 OWN_FOLD_WEIGHT = 0.25  # weight of the basis fitted on a sample's own fold; the other fold's basis gets the rest
 
@@ -73,6 +76,29 @@ def _frozen(model: nn.Module):
         handle.remove()
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+def fisher_batches(batches: Sequence[dict[str, Tensor]], nsamples: int,
+                   seqlen: int | None) -> list[dict[str, Tensor]]:
+    """What the Fisher pass runs: the first ``nsamples`` calibration samples, each cut to its first ``seqlen``
+    positions (every (B × S) entry of a batch; 0: whole samples; None: the first half, ⌈S/2⌉, of each batch's S).
+    Raises CoalaError (argument "fisher_seqlen") when the cut leaves a sample without a real token (left-padded
+    batches)."""
+    out, left = [], nsamples
+    for b in batches:
+        if left <= 0:
+            break
+        rows, width = (int(d) for d in b["input_ids"].shape[:2])
+        keep = (width + 1) // 2 if seqlen is None else seqlen
+        k, cut = min(left, rows), (keep if 0 < keep < width else width)
+        b = {key: v[:k, :cut] if v.ndim >= 2 and v.shape[1] == width else v[:k] for key, v in b.items()}
+        mask = b.get("attention_mask")
+        if mask is not None and not bool(mask.any(1).all()):
+            raise CoalaError(f"a calibration sample has no real token in its first {cut} positions (left-padded "
+                             "batches?): set fisher_seqlen=0 to run whole samples", argument="fisher_seqlen")
+        out.append(b)
+        left -= k
+    return out
 
 
 def sample_losses(out, batch: dict[str, Tensor], generator: torch.Generator) -> Tensor:

@@ -19,12 +19,13 @@ from torch import Tensor, nn
 
 from .allocate import get_allocation
 from .config import CompressConfig
-from .fisher import truncation_curves
+from .fisher import fisher_batches, truncation_curves
 from .layer_solve import add_evidence, decompose_layer, fold_bases_of, forced_ranks, new_evidence, stats_for
 from .linalg.decomposition import Decomposition
 from .linalg.methods import get_method
 from .lowrank import linear_shape
-from .sensitivity import Probe, first_samples
+from .models import is_causal_lm
+from .sensitivity import Probe
 from .walker import BlockStep, BlockWalker
 
 Plan = dict[str, int | None]
@@ -110,8 +111,12 @@ def add_fisher(evidence: dict, model: nn.Module, layers: Mapping[str, nn.Module]
                bases: Mapping[str, tuple[Tensor, Tensor]], batches: Sequence[dict[str, Tensor]],
                config: CompressConfig, progress: bool = False) -> None:
     """Fill ``evidence[name].fisher`` with each layer's truncation curve from one forward + backward of the ORIGINAL
-    ``model`` on the first ``config.fisher_samples`` calibration samples (``coala.fisher.truncation_curves``),
-    scoring the method's fold ``bases`` (``layer_solve.fold_bases``)."""
-    curves = truncation_curves(model, layers, bases, first_samples(batches, config.fisher_samples), progress=progress)
+    ``model`` on the first ``config.fisher_samples`` calibration samples, each cut to its first
+    ``config.fisher_seqlen_for`` positions (by default half of each sample on causal LMs, whole samples on encoders;
+    ``coala.fisher.fisher_batches``, ``truncation_curves``), scoring the method's fold ``bases``
+    (``layer_solve.fold_bases``)."""
+    seqlen = config.fisher_seqlen_for(is_causal_lm(model))
+    curves = truncation_curves(model, layers, bases, fisher_batches(batches, config.fisher_samples, seqlen),
+                               progress=progress)
     for name, curve in curves.items():
         evidence[name].fisher = curve

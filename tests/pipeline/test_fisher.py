@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ import coala
 from _compress_models import batches, build, settings
 from coala.allocate import LayerEvidence, achieved
 from coala.blocks import block_layers, find_blocks
-from coala.fisher import OWN_FOLD_WEIGHT, fisher_allocation, sample_losses, truncation_curves
+from coala.fisher import OWN_FOLD_WEIGHT, fisher_allocation, fisher_batches, sample_losses, truncation_curves
 from coala.lowrank import dense_weight, is_conv1d, linear_shape
 from coala.walker import sample_folds
 
@@ -155,13 +157,73 @@ def test_compress_with_fisher_allocation_meets_the_budget(kind):
     assert len(ranks) > 1  # not uniform
 
 
-def test_fisher_samples_is_its_own_setting_and_is_recorded():
+def test_fisher_samples_and_seqlen_are_settings_and_are_recorded(tmp_path):
     with pytest.raises(coala.CoalaError, match="fisher_samples"):
         coala.CompressConfig(fisher_samples=0)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(coala.CoalaError, match="fisher_seqlen") as e:
+            coala.CompressConfig(fisher_seqlen=bad)
+        assert e.value.argument == "fisher_seqlen"
     from coala.compress import allocation_meta
 
-    meta = allocation_meta(coala.CompressConfig(fisher_samples=8))
-    assert meta == {"kind": "fisher", "samples": 8, "bases": "2 folds, ¼ own + ¾ other"}
+    meta = allocation_meta(coala.CompressConfig(fisher_samples=8, fisher_seqlen=0), causal_lm=True)
+    assert meta == {"kind": "fisher", "samples": 8, "seqlen": 0, "bases": "2 folds, ¼ own + ¾ other"}
+    # default: the first half of each sample on a causal LM (its losses there do not see later tokens), whole
+    # samples on an encoder (cutting a sentence changes its embedding); compress records what ran
+    default = coala.CompressConfig()
+    assert default.fisher_seqlen is None
+    assert (default.fisher_seqlen_for(True), default.fisher_seqlen_for(False)) == (None, 0)
+    assert coala.CompressConfig(fisher_seqlen=32).fisher_seqlen_for(False) == 32
+    coala.compress(build("llama", layers=2), batches(n=2), **settings(ratio=0.4, out_dir=str(tmp_path / "out")))
+    assert json.loads((tmp_path / "out" / "coala.json").read_text())["allocation"]["seqlen"] == "first half"
+
+
+def test_fisher_batches_take_the_first_samples_and_positions():
+    data = batches(n=3, batch=4, seq=16, pad=True)  # 12 samples, right-padded
+    cut = fisher_batches(data, 6, 5)
+    assert [b["input_ids"].shape for b in cut] == [(4, 5), (2, 5)]
+    for got, full in zip(cut, data, strict=False):
+        for key, v in got.items():
+            assert torch.equal(v, full[key][: v.shape[0], :5]), key
+    assert [b["input_ids"].shape for b in fisher_batches(data, 12, 0)] == [(4, 16)] * 3  # 0: whole samples
+    assert [b["input_ids"].shape for b in fisher_batches(data, 12, 99)] == [(4, 16)] * 3
+    assert [b["input_ids"].shape for b in fisher_batches(data, 5, None)] == [(4, 8), (1, 8)]  # None: first half
+    odd = [{"input_ids": torch.ones(1, 7, dtype=torch.long)}]
+    assert fisher_batches(odd, 1, None)[0]["input_ids"].shape == (1, 4)  # ⌈7/2⌉
+    left = [{"input_ids": torch.ones(2, 8, dtype=torch.long),
+             "attention_mask": torch.tensor([[0] * 6 + [1] * 2, [1] * 8])}]
+    with pytest.raises(coala.CoalaError, match="no real token in its first 4 positions") as e:
+        fisher_batches(left, 2, 4)
+    assert e.value.argument == "fisher_seqlen"
+
+
+def test_the_plan_scores_the_cut_samples():
+    """``add_fisher`` runs ``config.fisher_seqlen`` positions of ``config.fisher_samples`` samples: its curves are
+    ``truncation_curves`` of exactly those."""
+    from coala.layer_solve import new_evidence
+    from coala.planning import add_fisher
+
+    model = build("llama").double()
+    data = batches(n=2, batch=3, seq=16)
+    layers = _layers(model)
+    bases = _bases(layers)
+    evidence = new_evidence({name: linear_shape(m) for name, m in layers.items()})
+    add_fisher(evidence, model, layers, bases, data, coala.CompressConfig(fisher_samples=4, fisher_seqlen=7))
+    want = truncation_curves(model, layers, bases, fisher_batches(data, 4, 7), progress=False)
+    whole = truncation_curves(model, layers, bases, fisher_batches(data, 4, 0), progress=False)
+    for name in layers:
+        assert torch.equal(evidence[name].fisher, want[name])
+        assert not torch.allclose(want[name], whole[name])
+    add_fisher(evidence, model, layers, bases, data, coala.CompressConfig(fisher_samples=4))  # causal: first half
+    half = truncation_curves(model, layers, bases, fisher_batches(data, 4, 8), progress=False)
+    assert all(torch.equal(evidence[name].fisher, half[name]) for name in layers)
+    encoder = build("bert").double()
+    layers = _layers(encoder)
+    bases = _bases(layers)
+    evidence = new_evidence({name: linear_shape(m) for name, m in layers.items()})
+    add_fisher(evidence, encoder, layers, bases, data, coala.CompressConfig(fisher_samples=4))  # encoder: whole
+    whole = truncation_curves(encoder, layers, bases, fisher_batches(data, 4, 0), progress=False)
+    assert all(torch.equal(evidence[name].fisher, whole[name]) for name in layers)
 
 
 def test_a_fold_with_few_rows_credits_no_rank_past_its_fit():
