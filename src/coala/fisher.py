@@ -52,6 +52,7 @@ from .blocks import no_kv_cache
 from .errors import CoalaError
 from .evaluate import mean_pool
 from .lowrank import dense_bias, dense_weight, linear_shape, model_device
+from .sensitivity import first_samples
 from .walker import sample_folds
 
 __all__ = ["OWN_FOLD_WEIGHT", "fisher_allocation", "fisher_batches", "truncation_curves"]
@@ -84,20 +85,17 @@ def fisher_batches(batches: Sequence[dict[str, Tensor]], nsamples: int,
     positions (every (B × S) entry of a batch; 0: whole samples; None: the first half, ⌈S/2⌉, of each batch's S).
     Raises CoalaError (argument "fisher_seqlen") when the cut leaves a sample without a real token (left-padded
     batches)."""
-    out, left = [], nsamples
-    for b in batches:
-        if left <= 0:
-            break
-        rows, width = (int(d) for d in b["input_ids"].shape[:2])
+    out = []
+    for b in first_samples(batches, nsamples):
+        width = int(b["input_ids"].shape[1])
         keep = (width + 1) // 2 if seqlen is None else seqlen
-        k, cut = min(left, rows), (keep if 0 < keep < width else width)
-        b = {key: v[:k, :cut] if v.ndim >= 2 and v.shape[1] == width else v[:k] for key, v in b.items()}
+        cut = keep if 0 < keep < width else width
+        b = {key: v[:, :cut] if v.ndim >= 2 and v.shape[1] == width else v for key, v in b.items()}
         mask = b.get("attention_mask")
         if mask is not None and not bool(mask.any(1).all()):
             raise CoalaError(f"a calibration sample has no real token in its first {cut} positions (left-padded "
                              "batches?): set fisher_seqlen=0 to run whole samples", argument="fisher_seqlen")
         out.append(b)
-        left -= k
     return out
 
 
