@@ -164,10 +164,10 @@ def _evaluate(model: nn.Module, tokenizer, evals: Sequence[str], config: Compare
 
 
 def default_evals(model: nn.Module) -> list[str]:
-    """Out of domain and in domain: ppl:english, ppl:builtin for a model with logits; fidelity:english,
-    fidelity:builtin for an encoder."""
-    causal = getattr(model, "get_output_embeddings", lambda: None)() is not None
-    kind = "ppl" if causal else "fidelity"
+    """Out of domain and in domain: ppl:english, ppl:builtin for a causal LM (``models.is_causal_lm``);
+    fidelity:english, fidelity:builtin for an encoder, with or without a head (BertForMaskedLM: its last hidden
+    states, not a next-token perplexity of its masked-LM logits)."""
+    kind = "ppl" if is_causal_lm(model) else "fidelity"
     return [f"{kind}:english", f"{kind}:builtin"]
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -208,6 +208,21 @@ def lm_eval_tasks(
     return results
 
 
+def last_hidden_states(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+    """The last hidden states (batch × seq × dim) of an encoder with or without a head, from one forward of
+    ``batch``: ``last_hidden_state`` of a bare encoder (BertModel), else the last of ``hidden_states``
+    (BertForMaskedLM and other models whose output holds logits instead)."""
+    out = model(**batch, output_hidden_states=True)
+    hidden = getattr(out, "last_hidden_state", None)
+    if hidden is None:
+        states = getattr(out, "hidden_states", None)
+        if not states:
+            raise ValueError(f"{type(model).__name__} returns neither last_hidden_state nor hidden_states: it "
+                             "gives no sentence embeddings")
+        hidden = states[-1]
+    return hidden
+
+
 def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
     """Mean of ``hidden`` (batch × seq × dim) over real tokens (mask 1): (batch × dim) in float32."""
     mask = attention_mask.unsqueeze(-1).to(torch.float32)
@@ -227,7 +242,7 @@ def sentence_embeddings(
             list(texts[i : i + batch_size]), padding=True, truncation=True, max_length=max_length,
             return_tensors="pt",
         ).to(device)
-        out.append(mean_pool(model(**enc).last_hidden_state, enc["attention_mask"]).cpu())
+        out.append(mean_pool(last_hidden_states(model, enc), enc["attention_mask"]).cpu())
     return torch.cat(out)
 
 

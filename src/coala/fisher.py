@@ -50,8 +50,9 @@ from tqdm.auto import tqdm
 from .allocate import LayerEvidence, RankOptions, lagrangian_ranks, largest_saving_rank, register_allocation
 from .blocks import no_kv_cache
 from .errors import CoalaError
-from .evaluate import mean_pool
+from .evaluate import last_hidden_states, mean_pool
 from .lowrank import dense_bias, dense_weight, linear_shape, model_device
+from .models import is_causal_lm
 from .sensitivity import first_samples
 from .walker import sample_folds
 
@@ -99,17 +100,18 @@ def fisher_batches(batches: Sequence[dict[str, Tensor]], nsamples: int,
     return out
 
 
-def sample_losses(out, batch: dict[str, Tensor], generator: torch.Generator) -> Tensor:
-    """Per-sample losses (B,) float32: the summed next-token NLL (models with logits) or ⟨z_s, unit embedding_s⟩
-    with z_s drawn from ``generator`` (encoders, ``out.last_hidden_state``)."""
+def sample_losses(model: nn.Module, batch: dict[str, Tensor], generator: torch.Generator) -> Tensor:
+    """Per-sample losses (B,) float32 of one forward of ``model`` on ``batch``: the summed next-token NLL (causal
+    LMs, ``models.is_causal_lm``) or ⟨z_s, unit embedding_s⟩ with z_s drawn from ``generator`` (encoders, with or
+    without a head such as BertForMaskedLM's: mean-pooled last hidden states)."""
     mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
-    logits = getattr(out, "logits", None)
-    if logits is not None:  # position t predicts token t + 1; the last position predicts nothing (label -100)
+    if is_causal_lm(model):  # position t predicts token t + 1; the last position predicts nothing (label -100)
+        logits = model(**batch).logits
         labels = torch.full_like(batch["input_ids"], -100)
         labels[:, :-1] = batch["input_ids"][:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
         return nll.view(labels.shape).sum(1)  # (B·S, V) rows: a softmax over contiguous memory
-    emb = F.normalize(mean_pool(out.last_hidden_state, mask).float(), dim=-1)
+    emb = F.normalize(mean_pool(last_hidden_states(model, batch), mask).float(), dim=-1)
     z = torch.randn(emb.shape, generator=generator, dtype=torch.float32).to(emb.device)
     return (z * emb).sum(1)
 
@@ -206,7 +208,7 @@ def truncation_curves(model: nn.Module, layers: Mapping[str, nn.Module], bases: 
                 folds = sample_folds(batch, first, 2)
                 first += int(folds.shape[0])
                 batch = {k: v.to(device) for k, v in batch.items()}
-                loss = sample_losses(model(**batch), batch, generator).sum()
+                loss = sample_losses(model, batch, generator).sum()
                 if not torch.isfinite(loss):
                     raise ValueError("non-finite loss in the Fisher pass of the original model")
                 loss.backward()

@@ -39,9 +39,10 @@ from .allocate import (
     register_allocation,
 )
 from .blocks import no_kv_cache
-from .evaluate import mean_pool
+from .evaluate import last_hidden_states, mean_pool
 from .linalg.decomposition import Decomposition
 from .lowrank import dense_weight, is_conv1d, model_device
+from .models import is_causal_lm
 
 PROBE_RATIOS = (0.2, 0.4, 0.6, 0.8)
 
@@ -117,22 +118,23 @@ def first_samples(batches: Sequence[dict[str, Tensor]], nsamples: int) -> list[d
 
 
 def outputs(model: nn.Module, batches: Sequence[dict[str, Tensor]]) -> Tensor:
-    """Per-sample output summary: token NLLs (models with logits) or unit sentence embeddings (encoders)."""
+    """Per-sample output summary: token NLLs (causal LMs, ``models.is_causal_lm``) or unit sentence embeddings
+    (encoders, with or without a head: mean-pooled last hidden states)."""
     device = model_device(model)
+    causal = is_causal_lm(model)
     outs = []
     with torch.no_grad(), no_kv_cache(model):
         for b in batches:
             b = {k: v.to(device) for k, v in b.items()}
             mask = b.get("attention_mask", torch.ones_like(b["input_ids"]))
-            out = model(**b)
-            logits = getattr(out, "logits", None)
-            if logits is not None:
+            if causal:
+                logits = model(**b).logits
                 labels = b["input_ids"][:, 1:].masked_fill(mask[:, 1:] == 0, -100)
                 nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100,
                                       reduction="none")
                 outs.append(nll[labels != -100])
             else:
-                outs.append(F.normalize(mean_pool(out.last_hidden_state, mask), dim=-1))
+                outs.append(F.normalize(mean_pool(last_hidden_states(model, b), mask), dim=-1))
     return torch.cat(outs)
 
 

@@ -126,3 +126,34 @@ def test_default_evaluation_is_out_of_domain_and_in_domain_labelled(tokenizer):
     assert metric_label("task:piqa") == "task:piqa"
     llama = tiny_llama_lm(tokenizer.vocab_size, hidden=32)
     assert default_evals(llama) == ["ppl:english", "ppl:builtin"]
+
+
+def test_a_masked_lm_is_judged_and_planned_as_its_encoder(tokenizer):
+    """A BertForMaskedLM (logits, no last_hidden_state) is an encoder to compare: embedding fidelity of its last
+    hidden states, not a next-token perplexity of masked-LM logits; its Fisher and sensitivity objectives are those
+    of its bare encoder."""
+    import transformers
+
+    from coala.compare import default_evals
+    from coala.evaluate import sentence_embeddings
+    from coala.fisher import sample_losses
+    from coala.sensitivity import outputs
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                  vocab_size=tokenizer.vocab_size, max_position_embeddings=512)
+    mlm = transformers.BertForMaskedLM(cfg).eval()
+    assert default_evals(mlm) == ["fidelity:english", "fidelity:builtin"]
+    texts = ["a short sentence", "and a somewhat longer second sentence of words"]
+    torch.testing.assert_close(sentence_embeddings(mlm, tokenizer, texts),
+                               sentence_embeddings(mlm.bert, tokenizer, texts))
+    batch = dict(tokenizer(texts, padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        torch.testing.assert_close(sample_losses(mlm, batch, torch.Generator().manual_seed(0)),
+                                   sample_losses(mlm.bert, batch, torch.Generator().manual_seed(0)))
+    torch.testing.assert_close(outputs(mlm, [batch]), outputs(mlm.bert, [batch]))
+    result = compare(mlm, tokenizer, CompareConfig(methods=["coala"], ratios=[0.5]),
+                     data=CalibrationConfig(nsamples=8, seqlen=64), runtime=QUIET)
+    headers, body = result.table()
+    assert headers[4] == "cos mean english (out of domain)"
+    assert body[0][4] == pytest.approx(1.0) and 0 < body[1][4] < 1

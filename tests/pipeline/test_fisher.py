@@ -41,7 +41,7 @@ def _reference_curves(model, layers, bases, data, seed=0):
     for b in data:
         folds = sample_folds(b, first, 2)
         first += len(folds)
-        losses = sample_losses(model(**b), b, gen)
+        losses = sample_losses(model, b, gen)
         for s in range(len(losses)):
             model.zero_grad()
             losses[s].backward(retain_graph=True)
@@ -80,7 +80,7 @@ def test_sample_losses_are_the_summed_next_token_nll_of_each_row():
     batch = batches(n=1, batch=3, pad=True)[0]
     with torch.no_grad():
         out = model(**batch)
-        got = sample_losses(out, batch, torch.Generator())
+        got = sample_losses(model, batch, torch.Generator())
     logp = torch.log_softmax(out.logits, -1)
     for row in range(3):
         n = int(batch["attention_mask"][row].sum())
@@ -108,7 +108,7 @@ def test_tokens_add_inside_the_square():
     handle = layers[name].register_forward_hook(hook)
     gen = torch.Generator().manual_seed(0)
     folds = sample_folds(data[0], 0, 2)
-    sample_losses(model(**data[0]), data[0], gen).sum().backward()
+    sample_losses(model, data[0], gen).sum().backward()
     handle.remove()
     W = layers[name].weight.detach()
     for f, U in enumerate(bases[name]):

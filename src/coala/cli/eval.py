@@ -1,6 +1,6 @@
 """``coala eval MODEL_OR_DIR``: perplexity, lm-eval zero-shot tasks and embedding fidelity, as a table and JSON.
 
-With nothing asked, quality out of domain and in domain: perplexity (models with logits) or embedding fidelity
+With nothing asked, quality out of domain and in domain: perplexity (causal LMs) or embedding fidelity
 (encoders) on the built-in evaluation text ``english`` and on the held-out split of the calibration mix
 ``builtin``, each labelled by how it relates to the model's calibration text (``coala.data.domain_label``).
 """
@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
                         "MiniLM)")
     p.add_argument("--ppl", default="",
                    help="comma-separated perplexity sources: english,builtin,docs,prose,wikitext2,c4,PATH (default, "
-                        "with no --tasks / --fidelity: english,builtin for models with logits)")
+                        "with no --tasks / --fidelity: english,builtin for causal LMs)")
     p.add_argument("--tasks", default="", help="comma-separated lm-eval tasks (zero-shot), e.g. piqa,arc_easy")
     p.add_argument("--limit", type=float, default=None, help="lm-eval: examples per task (int) or fraction")
     p.add_argument("--include-path", default=None, help="lm-eval: folder with extra task YAML definitions")
