@@ -22,7 +22,8 @@ panel scratch. Profiled at n = 576, b = 8192, one thread: trailing GEMMs 48 ms (
 at ≈ 100), panels 38 ms (geqrf leaves 13, leaf T factors 6, node GEMMs 20), the copy into the scratch 11 ms, the
 small torch calls ≈ 3.5 ms; the Gram of the same rows 54 ms. Hence the cost relative to the Gram update falls
 with n: 1.79× at n = 576, 1.41× at 1024, 1.30× at 2048, 1.24× at 4096 on one thread of this project's machine
-(core-pinned, benchmarks/runtime.py). Tried without gain (within ±5 % noise): panel/leaf 64/16 … 256/32 and
+(core-pinned, benchmarks/runtime.py); 1.71 / 1.38 / 1.22 / 1.18 once RFactor's row buffer got a padded stride
+(``tsqr.ROW_PAD``). Tried without gain (within ±5 % noise): panel/leaf 64/16 … 256/32 and
 leaf = panel (one MKL geqrf per panel, 57 GF/s, then T by one GEMM: the same 7.5 ms per panel as the recursion),
 the copy in 1024-row pieces, MKL's ``somatcopy`` for it (2× slower than torch's two-step copy), a row-major
 V, a column-major buffer (torch's transposing fill costs 45 ms per 8192 rows at n = 1024).
