@@ -210,16 +210,13 @@ def lm_eval_tasks(
 
 def last_hidden_states(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
     """The last hidden states (batch × seq × dim) of an encoder with or without a head, from one forward of
-    ``batch``: ``last_hidden_state`` of a bare encoder (BertModel), else the last of ``hidden_states``
-    (BertForMaskedLM and other models whose output holds logits instead)."""
-    out = model(**batch, output_hidden_states=True)
-    hidden = getattr(out, "last_hidden_state", None)
+    ``batch`` through its body, ``model.base_model`` (transformers' model without its head: BertForMaskedLM's
+    ``bert``; a bare BertModel is its own), so that no head (e.g. a masked-LM vocabulary projection) runs."""
+    body = getattr(model, "base_model", model)
+    hidden = getattr(body(**batch), "last_hidden_state", None)
     if hidden is None:
-        states = getattr(out, "hidden_states", None)
-        if not states:
-            raise ValueError(f"{type(model).__name__} returns neither last_hidden_state nor hidden_states: it "
-                             "gives no sentence embeddings")
-        hidden = states[-1]
+        raise ValueError(f"{type(body).__name__} (the body of {type(model).__name__}) returns no last_hidden_state: "
+                         "it gives no sentence embeddings")
     return hidden
 
 
